@@ -1,0 +1,244 @@
+"""Settings: defaults, environment parsing, CLI overrides, and warnings for invalid values.
+
+This module is the one place that decides every default. ``load_config(environ, overrides)``
+never raises for a bad value: it logs one warning naming the variable, the bad value and the
+default it used instead, and carries on (design property 8).
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import sys
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+log = logging.getLogger("tornado_gateway.config")
+
+DEVELOPMENT = "development"
+PRODUCTION = "production"
+
+
+@dataclass(frozen=True)
+class FlaskConfig:
+    """How to run (or reach) the Flask child and how to watch it. Times in milliseconds."""
+
+    script: str = "python/api_server.py"
+    host: str = "127.0.0.1"
+    port: int = 5001
+    health_timeout: int = 10000
+    health_interval: int = 500
+    health_retries: int = 10
+    unhealthy_after: int = 3
+    shutdown_timeout: int = 5000
+    python: Optional[str] = None
+    url: Optional[str] = None  # external Flask: spawn nothing, proxy here
+    auto_restart: int = 0  # how many times an exited child is restarted; 0 = never
+    mode: str = DEVELOPMENT
+
+    @property
+    def is_development(self) -> bool:
+        return self.mode != PRODUCTION
+
+    @property
+    def base_url(self) -> str:
+        if self.url:
+            return self.url.rstrip("/")
+        host = self.host
+        if ":" in host:  # IPv6 literal
+            host = "[%s]" % host
+        return "http://%s:%d" % (host, self.port)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The gateway's own settings, with the child's beside them."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body: int = 1024 ** 3  # 1 GiB; raise for bigger uploads
+    proxy_timeout: int = 300000  # whole proxied exchange, ms
+    connect_timeout: int = 5000
+    ready_wait: int = 10000  # how long a request that arrives while starting waits
+    mode: str = DEVELOPMENT
+    flask: FlaskConfig = field(default_factory=FlaskConfig)
+
+    @property
+    def is_development(self) -> bool:
+        return self.mode != PRODUCTION
+
+
+# --- value parsers: each returns the parsed value or raises ValueError with a reason ---------
+
+def _port(raw: str) -> int:
+    value = int(raw.strip(), 10)
+    if not 1 <= value <= 65535:
+        raise ValueError("a port must be between 1 and 65535")
+    return value
+
+
+def _gateway_port(raw: str) -> int:
+    value = int(raw.strip(), 10)
+    if not 0 <= value <= 65535:  # 0 = any free port, useful in tests
+        raise ValueError("a port must be between 0 and 65535")
+    return value
+
+
+def _positive_ms(raw: str) -> int:
+    value = int(raw.strip(), 10)
+    if value <= 0:
+        raise ValueError("must be a positive number of milliseconds")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw.strip(), 10)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw.strip(), 10)
+    if value < 0:
+        raise ValueError("must be zero or a positive whole number")
+    return value
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _host(raw: str) -> str:
+    value = raw.strip()
+    if value.startswith("[") and value.endswith("]"):
+        value = value[1:-1]
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if _HOSTNAME.match(value):
+        return value
+    raise ValueError("not an IP address or host name")
+
+
+def _size(raw: str) -> int:
+    text = raw.strip().lower().replace(" ", "")
+    units = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+             "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3,
+             "t": 1024 ** 4, "tb": 1024 ** 4, "tib": 1024 ** 4}
+    match = re.fullmatch(r"(\d+)([a-z]*)", text)
+    if not match or match.group(2) not in units:
+        raise ValueError("must be a byte count such as 1073741824, 512M or 4G")
+    value = int(match.group(1)) * units[match.group(2)]
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _mode(raw: str) -> str:
+    return PRODUCTION if raw.strip().lower() in ("production", "prod") else DEVELOPMENT
+
+
+def _url(raw: str) -> str:
+    value = raw.strip()
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http",) or not parts.hostname:
+        raise ValueError("must be an http:// URL such as http://127.0.0.1:5001")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be the server's root URL, without a path or query")
+    return value.rstrip("/")
+
+
+def _text(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+# setting name -> (env variable, CLI option, parser, where it lives)
+SETTINGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
+    "host": ("GATEWAY_HOST", "--host", _host, "gateway"),
+    "port": ("GATEWAY_PORT", "--port", _gateway_port, "gateway"),
+    "max_body": ("GATEWAY_MAX_BODY", "--max-body", _size, "gateway"),
+    "proxy_timeout": ("GATEWAY_PROXY_TIMEOUT", "--proxy-timeout", _positive_ms, "gateway"),
+    "connect_timeout": ("GATEWAY_CONNECT_TIMEOUT", "--connect-timeout", _positive_ms, "gateway"),
+    "ready_wait": ("GATEWAY_READY_WAIT", "--ready-wait", _non_negative_int, "gateway"),
+    "script": ("FLASK_SCRIPT", "--flask-script", _text, "flask"),
+    "flask_host": ("FLASK_HOST", "--flask-host", _host, "flask"),
+    "flask_port": ("FLASK_PORT", "--flask-port", _port, "flask"),
+    "health_timeout": ("FLASK_HEALTH_TIMEOUT", "--health-timeout", _positive_ms, "flask"),
+    "health_interval": ("FLASK_HEALTH_INTERVAL", "--health-interval", _positive_ms, "flask"),
+    "health_retries": ("FLASK_HEALTH_RETRIES", "--health-retries", _positive_int, "flask"),
+    "unhealthy_after": ("FLASK_UNHEALTHY_AFTER", "--unhealthy-after", _positive_int, "flask"),
+    "shutdown_timeout": ("FLASK_SHUTDOWN_TIMEOUT", "--shutdown-timeout", _positive_ms, "flask"),
+    "python": ("FLASK_PYTHON", "--python", _text, "flask"),
+    "url": ("FLASK_URL", "--flask-url", _url, "flask"),
+    "auto_restart": ("FLASK_AUTO_RESTART", "--auto-restart", _non_negative_int, "flask"),
+}
+
+_FLASK_FIELD = {"flask_host": "host", "flask_port": "port"}
+
+
+def _default(name: str) -> Any:
+    where = SETTINGS[name][3]
+    if where == "gateway":
+        return getattr(GatewayConfig(), name)
+    return getattr(FlaskConfig(), _FLASK_FIELD.get(name, name))
+
+
+def load_config(
+    environ: Optional[Mapping[str, str]] = None,
+    overrides: Optional[Mapping[str, Optional[str]]] = None,
+    warn: Optional[Callable[[str], None]] = None,
+) -> GatewayConfig:
+    """Build the configuration from ``environ`` (default ``os.environ``) and CLI ``overrides``.
+
+    ``overrides`` maps setting names (keys of :data:`SETTINGS`, plus ``"mode"``) to raw strings;
+    a value of ``None`` means "not given". An override wins over the environment. Missing values
+    take the default; an invalid one produces one warning through ``warn`` (default: this
+    module's logger) and takes the default. Never raises for a bad value.
+    """
+    env = os.environ if environ is None else environ
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    warn = warn or log.warning
+    values: dict[str, Any] = {}
+
+    for name, (var, option, parse, _where) in SETTINGS.items():
+        if name in given:
+            raw, source = str(given[name]), option
+        elif env.get(var) not in (None, ""):
+            raw, source = env[var], var
+        else:
+            continue
+        try:
+            values[name] = parse(raw)
+        except (ValueError, TypeError) as exc:
+            reason = str(exc) if not str(exc).startswith("invalid literal") else "not a number"
+            warn("Invalid %s=%r (%s); using the default %r." % (source, raw, reason, _default(name)))
+
+    if "mode" in given:
+        mode = _mode(str(given["mode"]))
+    else:
+        mode = _mode(env.get("GATEWAY_ENV") or env.get("NODE_ENV") or DEVELOPMENT)
+
+    flask_kwargs = {_FLASK_FIELD.get(k, k): v for k, v in values.items() if SETTINGS[k][3] == "flask"}
+    gateway_kwargs = {k: v for k, v in values.items() if SETTINGS[k][3] == "gateway"}
+    flask = FlaskConfig(mode=mode, **flask_kwargs)
+    if flask.url:
+        parts = urllib.parse.urlsplit(flask.url)
+        flask = FlaskConfig(**{**flask.__dict__, "host": parts.hostname or flask.host,
+                               "port": parts.port or 80})
+    return GatewayConfig(mode=mode, flask=flask, **gateway_kwargs)
+
+
+def default_python() -> str:
+    """The interpreter the child runs under when FLASK_PYTHON is unset: the gateway's own."""
+    return sys.executable

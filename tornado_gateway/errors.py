@@ -1,0 +1,119 @@
+"""The JSON error payloads the gateway answers with: one shape, one place.
+
+Every error the gateway makes itself is ``{"error", "message", "suggestion", "timestamp"}``
+(timestamp in ISO 8601, UTC). Handlers call :func:`write_error_response`; nothing else builds
+error bodies.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+def utc_timestamp() -> str:
+    """Now, as ISO 8601 in UTC with a ``Z`` suffix (``2024-01-15T10:30:00.123Z``)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class GatewayError:
+    """An error the gateway answers itself, with the status code and an optional retry hint."""
+
+    status: int
+    error: str
+    message: str
+    suggestion: str
+    retry_after: Optional[int] = None  # seconds; sent as Retry-After when a retry can help
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "error": self.error,
+            "message": self.message,
+            "suggestion": self.suggestion,
+            "timestamp": utc_timestamp(),
+        }
+
+    def body(self) -> bytes:
+        return json.dumps(self.payload()).encode("utf-8")
+
+
+def write_error_response(handler: Any, err: GatewayError) -> None:
+    """Answer ``err`` on a Tornado RequestHandler whose headers are not sent yet, and finish."""
+    handler.clear()
+    handler.set_status(err.status)
+    handler.set_header("Content-Type", "application/json; charset=utf-8")
+    handler.set_header("Cache-Control", "no-store")
+    if err.retry_after is not None:
+        handler.set_header("Retry-After", str(err.retry_after))
+    handler.finish(err.body())
+
+
+# The catalogue. Functions, not constants, so messages can name the port, the limit, the state.
+
+def service_unavailable(state: str, detail: str = "", retry_after: Optional[int] = 5) -> GatewayError:
+    hints = {
+        "idle": "The gateway has not started the service yet; start it with PythonBridge.start().",
+        "starting": "The service is still starting; retry in a few seconds.",
+        "failed": "The service failed to start. Read the gateway's log lines prefixed "
+        "'[Python]' for the cause, fix it, then restart: python -m tornado_gateway",
+        "exited": "The service process exited. Read the gateway's log for its exit code and last "
+        "error lines, fix the cause, then restart: python -m tornado_gateway",
+        "unhealthy": "The service stopped answering its health check; it may be overloaded or "
+        "frozen. Retry shortly; if it persists, restart: python -m tornado_gateway",
+        "stopping": "The gateway is shutting down.",
+        "stopped": "The gateway has stopped the service; restart: python -m tornado_gateway",
+    }
+    message = "The deepfake detection service is currently unavailable (state: %s)." % state
+    if detail:
+        message += " " + detail
+    return GatewayError(
+        503,
+        "Flask server unavailable",
+        message,
+        hints.get(state, "Restart the gateway with: python -m tornado_gateway"),
+        retry_after if state in ("starting", "unhealthy") else None,
+    )
+
+
+def bad_gateway(detail: str) -> GatewayError:
+    return GatewayError(
+        502,
+        "Bad gateway",
+        "The deepfake detection service could not be reached or dropped the connection: %s" % detail,
+        "Check the gateway's log lines prefixed '[Python]'; the service may have crashed.",
+        5,
+    )
+
+
+def gateway_timeout(timeout_s: float) -> GatewayError:
+    return GatewayError(
+        504,
+        "Gateway timeout",
+        "The deepfake detection service did not answer within %g seconds." % timeout_s,
+        "Retry later; raise GATEWAY_PROXY_TIMEOUT (milliseconds) if requests legitimately "
+        "take longer.",
+        10,
+    )
+
+
+def payload_too_large(size: Optional[int], limit: int) -> GatewayError:
+    got = "%d bytes" % size if size is not None else "the request body"
+    return GatewayError(
+        413,
+        "Payload too large",
+        "%s exceeds the gateway's limit of %d bytes." % (got[0].upper() + got[1:], limit),
+        "Send a smaller body, or raise the limit with GATEWAY_MAX_BODY (bytes) or --max-body.",
+    )
+
+
+def not_found(path: str) -> GatewayError:
+    return GatewayError(
+        404,
+        "Not found",
+        "The gateway has no route for %s." % path,
+        "Deepfake API endpoints live under /api/deepfake/; gateway status is at "
+        "/api/gateway/status.",
+    )
