@@ -1,0 +1,113 @@
+"""Threads that forward the child's output into the gateway's log with the ``[Python] `` prefix.
+
+One thread per pipe reads raw bytes, decodes them incrementally (UTF-8, invalid bytes
+replaced), keeps partial lines until their newline arrives (or EOF), and hands each complete
+line to a sink as a :class:`LogLine`. Threads, because a blocking read of a pipe must never
+stall the IOLoop; ``logging`` is thread-safe, so the default sink logs straight from the thread.
+"""
+from __future__ import annotations
+
+import codecs
+import collections
+import logging
+import os
+import threading
+from typing import IO, Callable, Deque, List, NamedTuple, Optional
+
+PREFIX = "[Python] "
+child_log = logging.getLogger("tornado_gateway.python")
+
+
+class LogLine(NamedTuple):
+    """One complete line of child output: the only contract between pumps and sinks."""
+
+    stream: str  # "stdout" or "stderr"
+    text: str
+
+
+def format_line(line: LogLine) -> str:
+    return PREFIX + line.text
+
+
+def log_sink(line: LogLine) -> None:
+    """Default sink: stdout at INFO, stderr at WARNING (so a production gateway, which logs
+    warnings and errors only, still shows the child's errors and tracebacks)."""
+    level = logging.INFO if line.stream == "stdout" else logging.WARNING
+    child_log.log(level, "%s", format_line(line))
+
+
+class LineSplitter:
+    """Bytes in, complete lines out; holds the unfinished tail between calls."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+
+    def feed(self, data: bytes) -> List[str]:
+        # split on LF only: a lone CR (progress bars) or a form feed stays inside its line
+        *lines, self._partial = (self._partial + self._decoder.decode(data)).split("\n")
+        return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+    def finish(self) -> List[str]:
+        text = self._partial + self._decoder.decode(b"", final=True)
+        self._partial = ""
+        return [text[:-1] if text.endswith("\r") else text] if text else []
+
+
+class LogPump:
+    """Forwards one pipe of the child, line by line, on its own daemon thread."""
+
+    def __init__(self, pipe: IO[bytes], stream: str,
+                 sink: Callable[[LogLine], None] = log_sink,
+                 tail: Optional[Deque[str]] = None, chunk_size: int = 65536) -> None:
+        self._pipe = pipe
+        self.stream = stream
+        self._sink = sink
+        # the last lines, kept for crash reports; deque appends are thread-safe
+        self.tail: Deque[str] = tail if tail is not None else collections.deque(maxlen=50)
+        self._chunk_size = chunk_size
+        self._thread = threading.Thread(target=self._run, name="logpump-%s" % stream,
+                                        daemon=True)
+
+    def start(self) -> "LogPump":
+        self._thread.start()
+        return self
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for EOF to be forwarded; True if the pump has finished."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _emit(self, text: str) -> None:
+        self.tail.append(text)
+        try:
+            self._sink(LogLine(self.stream, text))
+        except Exception:  # a broken sink must not kill the pump and block the child's pipe
+            logging.getLogger("tornado_gateway").exception("log sink failed")
+
+    def _read(self) -> bytes:
+        fileno = getattr(self._pipe, "fileno", None)
+        if fileno is not None:
+            try:
+                # os.read returns what is there now instead of waiting for a full chunk
+                return os.read(fileno(), self._chunk_size)
+            except (OSError, ValueError):
+                return b""
+        return self._pipe.read(self._chunk_size) or b""
+
+    def _run(self) -> None:
+        splitter = LineSplitter()
+        try:
+            while True:
+                data = self._read()
+                if not data:
+                    break
+                for text in splitter.feed(data):
+                    self._emit(text)
+        finally:
+            for text in splitter.finish():
+                self._emit(text)
+            try:
+                self._pipe.close()
+            except OSError:
+                pass

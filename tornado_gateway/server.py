@@ -1,0 +1,170 @@
+"""run(): start the bridge, listen, handle signals, shut down gracefully, exit 0.
+
+Shutdown on the first SIGINT/SIGTERM (Ctrl+Break on Windows): stop accepting connections,
+stop the child (SIGTERM to its group, wait up to the shutdown timeout, kill the whole tree),
+close the remaining connections, restore the signal handlers that were there before, return 0.
+A second signal kills the child's tree at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Callable, Dict, List, Optional
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from .app import make_app
+from .bridge import PythonBridge
+from .config import GatewayConfig, PRODUCTION
+from .proxy import configure_http_client
+
+log = logging.getLogger("tornado_gateway")
+
+# bodies of the gateway's own (non-proxied) routes are small; the proxy raises its own limit
+OWN_ROUTES_MAX_BODY = 1024 * 1024
+IDLE_CONNECTION_TIMEOUT_S = 60.0
+CLOSE_CONNECTIONS_TIMEOUT_S = 1.0
+
+
+def shutdown_signals(platform: str = sys.platform) -> List[int]:
+    """The signals that mean "shut down" on ``platform``: SIGINT and SIGTERM; on Windows
+    SIGINT and SIGBREAK (Ctrl+Break), since SIGTERM cannot be sent to a process there."""
+    if platform.startswith("win"):
+        return [s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGBREAK", None))
+                if s is not None]
+    return [signal.SIGINT, signal.SIGTERM]
+
+
+class SignalCatcher:
+    """Routes shutdown signals to ``on_signal`` on the event loop and, on ``restore()``, puts
+    back exactly the handlers that were there, so an embedding program is left as it was."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None],
+                 platform: str = sys.platform) -> None:
+        self._loop = loop
+        self._on_signal = on_signal
+        self._platform = platform
+        self._previous: Dict[int, Any] = {}
+        self._loop_handlers: List[int] = []
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            log.debug("not in the main thread: signal handlers left to the host program")
+            return False
+        for sig in shutdown_signals(self._platform):
+            self._previous[sig] = signal.getsignal(sig)
+            if self._platform.startswith("win"):
+                # no add_signal_handler on Windows' event loops
+                signal.signal(sig, lambda s, _f: self._loop.call_soon_threadsafe(
+                    self._on_signal, s))
+            else:
+                self._loop.add_signal_handler(sig, self._on_signal, sig)
+                self._loop_handlers.append(sig)
+        return True
+
+    def restore(self) -> None:
+        for sig in self._loop_handlers:
+            self._loop.remove_signal_handler(sig)
+        self._loop_handlers.clear()
+        for sig, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(sig, previous)
+        self._previous.clear()
+
+
+def log_level_for(mode: str) -> int:
+    """Verbose in development; warnings and errors only in production (design property 11)."""
+    return logging.WARNING if mode == PRODUCTION else logging.DEBUG
+
+
+def configure_logging(mode: str, stream: Any = None) -> None:
+    """The command line's logging: timestamps, level, message; the child's lines carry
+    ``[Python] ``. Library users keep their own logging (``run()`` does not call this)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)-7s %(message)s",
+                                           "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if mode != PRODUCTION else logging.WARNING)
+    logging.getLogger("tornado_gateway").setLevel(log_level_for(mode))
+    logging.getLogger("tornado_gateway.python").setLevel(
+        logging.INFO if mode != PRODUCTION else logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+
+
+async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
+                install_signals: bool = True,
+                stop_event: Optional[asyncio.Event] = None,
+                on_listening: Optional[Callable[[int], None]] = None) -> int:
+    """Run the gateway until a shutdown signal (or ``stop_event``); return the exit code.
+
+    Listens first, then starts the bridge, so the status endpoint and the web page answer at
+    once and deepfake requests wait (bounded) while the child starts. Returns 1 without
+    starting the child when the gateway's own port cannot be bound.
+    """
+    loop = asyncio.get_running_loop()
+    bridge = bridge or PythonBridge(config.flask)
+    stop_event = stop_event or asyncio.Event()
+    configure_http_client(config)
+    app = make_app(bridge, config)
+    try:
+        sockets = bind_sockets(config.port, config.host)
+    except OSError as exc:
+        log.error("Cannot listen on %s:%d: %s. Stop the other process using the port, or choose "
+                  "another with GATEWAY_PORT / --port.", config.host, config.port, exc.strerror
+                  or exc)
+        return 1
+    server = HTTPServer(app, max_body_size=OWN_ROUTES_MAX_BODY,
+                        idle_connection_timeout=IDLE_CONNECTION_TIMEOUT_S)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    log.info("Gateway listening on http://%s:%d (%s mode); the deepfake API is at /api/deepfake/",
+             config.host if ":" not in config.host else "[%s]" % config.host, port, config.mode)
+    if config.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("The gateway listens on %s: anyone who can reach this machine can use it. "
+                    "It has no authentication.", config.host)
+    if on_listening is not None:
+        on_listening(port)
+
+    signals_seen = []
+
+    def on_signal(sig: int) -> None:
+        signals_seen.append(sig)
+        name = signal.Signals(sig).name
+        if len(signals_seen) == 1:
+            log.info("Received %s: shutting down (press Ctrl+C again to force).", name)
+            stop_event.set()
+        else:
+            log.warning("Received %s again: killing the Flask server now.", name)
+            asyncio.ensure_future(bridge.force_stop())
+
+    catcher = SignalCatcher(loop, on_signal)
+    if install_signals:
+        catcher.install()
+    try:
+        start_task = asyncio.ensure_future(bridge.start())
+        await stop_event.wait()
+        server.stop()
+        await bridge.stop()
+        if not start_task.done():
+            start_task.cancel()
+        try:
+            await asyncio.wait_for(server.close_all_connections(), CLOSE_CONNECTIONS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.debug("some connections were still open at exit")
+    finally:
+        catcher.restore()
+        if bridge.state.value not in ("stopped",):
+            await bridge.stop()
+        bridge._control.cleanup()
+    log.info("Gateway stopped.")
+    return 0
+
+
+def run(config: GatewayConfig) -> int:
+    """Run the gateway in a fresh event loop until Ctrl+C / SIGTERM; return the exit code."""
+    return asyncio.run(serve(config))
