@@ -117,3 +117,24 @@ def not_found(path: str) -> GatewayError:
         "Deepfake API endpoints live under /api/deepfake/; gateway status is at "
         "/api/gateway/status.",
     )
+
+
+def bad_request_path(path: str, detail: str) -> GatewayError:
+    """400 for a proxied path the gateway refuses to forward (prefix escape, encoded slash)."""
+    return GatewayError(
+        400,
+        "Bad request",
+        "The gateway refuses to forward %s: %s." % (path, detail),
+        "Use a plain path under /api/deepfake/ without '..' segments, encoded slashes, "
+        "empty segments or backslashes.",
+    )
+
+
+def method_not_supported(method: str) -> GatewayError:
+    """501 for a request method the gateway cannot forward."""
+    return GatewayError(
+        501,
+        "Not implemented",
+        "The gateway cannot forward the request method %s." % method,
+        "Use a standard HTTP method (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS).",
+    )
