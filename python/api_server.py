@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Entry point of the deepfake-detection service that the Tornado gateway runs as its child.
+
+    python python/api_server.py [--host 127.0.0.1] [--port 5001]
+                                [--env development|production] [--data-dir DIR] [--reload]
+
+Development: Flask's server with debug on (tracebacks in the log, never in responses; the
+interactive debugger is never enabled). Production: waitress. Runnable from any directory.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from deepfake.config import DEVELOPMENT, PRODUCTION, load_config  # noqa: E402
+from deepfake.parent_watch import watch_from_environment  # noqa: E402
+
+log = logging.getLogger("deepfake.server")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Deepfake detection service (Flask).")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--env", choices=(DEVELOPMENT, PRODUCTION), default=None,
+                        help="default: $GATEWAY_ENV, then $NODE_ENV, else development")
+    parser.add_argument("--data-dir", default=None,
+                        help="default: $DEEPFAKE_DATA_DIR, else python/data next to this script")
+    parser.add_argument("--reload", action="store_true",
+                        help="development only: restart on code changes (slower start)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    config = load_config(data_dir=args.data_dir, env=args.env)
+    watch_from_environment()
+
+    from deepfake.app import create_app
+
+    app = create_app(config)
+    url = "http://%s:%d" % (args.host, args.port)
+    if config.env == PRODUCTION:
+        import waitress
+
+        # waitress reads the whole body before calling the app; let it accept the service's
+        # own limit plus multipart framing, so the app can answer a JSON 413 itself
+        server = waitress.create_server(app, host=args.host, port=args.port,
+                                        threads=config.waitress_threads,
+                                        max_request_body_size=config.max_upload + 2**20)
+        log.info("deepfake service listening on %s (production, waitress, data in %s)",
+                 url, config.data_dir)
+        server.run()
+    else:
+        log.info("deepfake service listening on %s (development, Flask debug server, data "
+                 "in %s)", url, config.data_dir)
+        app.run(host=args.host, port=args.port, debug=True, use_debugger=False,
+                use_reloader=args.reload, threaded=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The linear detector as plain data: load, predict with numpy, save atomically as JSON.
+
+A model is a standard scaler plus logistic-regression weights over the per-crop features of
+:mod:`deepfake.features`. An image's score is the mean of its crops' log-odds. Models are
+stored as JSON only (never pickle: the data directory is writable, and unpickling a file from a
+writable place runs whatever code it contains).
+
+:class:`ModelFiles` owns the files: ``models/current.json`` and ``models/previous.json`` in the
+data directory, with the bundled baseline in the package as the read-only fallback. Writes go
+to a temporary file that is fsynced and renamed over the old one, so a crash mid-write leaves
+either the old model or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from . import features
+
+log = logging.getLogger("deepfake.model")
+
+BASELINE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baseline", "model.json")
+FORMAT = "deepfake-linear-model/1"
+
+
+class ModelError(ValueError):
+    """A model file that cannot be used: unreadable, malformed, or for other features."""
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    """Scaler + logistic regression over crop features, plus where it came from."""
+
+    version: str
+    feature_version: str
+    trained_at: str
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def crop_logits(self, vectors: np.ndarray) -> np.ndarray:
+        """Log-odds that each crop comes from an up-sampled (generated) image."""
+        standardised = (np.asarray(vectors, dtype=np.float64) - self.mean) / self.scale
+        return standardised @ self.coef + self.intercept
+
+    def image_logit(self, vectors: np.ndarray) -> Optional[float]:
+        """Mean crop log-odds, or None with no crops (nothing to judge)."""
+        if len(vectors) == 0:
+            return None
+        return float(np.mean(self.crop_logits(vectors)))
+
+    def probability(self, vectors: np.ndarray) -> Optional[float]:
+        logit = self.image_logit(vectors)
+        if logit is None:
+            return None
+        return 1.0 / (1.0 + math.exp(-max(min(logit, 60.0), -60.0)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": self.version,
+            "feature_version": self.feature_version,
+            "trained_at": self.trained_at,
+            "scaler": {"mean": self.mean.tolist(), "scale": self.scale.tolist()},
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept,
+            "metrics": self.metrics,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "LinearModel":
+        try:
+            if data.get("format") != FORMAT:
+                raise ModelError("unknown model format %r" % data.get("format"))
+            model = cls(
+                version=str(data["version"]),
+                feature_version=str(data["feature_version"]),
+                trained_at=str(data["trained_at"]),
+                mean=np.asarray(data["scaler"]["mean"], dtype=np.float64),
+                scale=np.asarray(data["scaler"]["scale"], dtype=np.float64),
+                coef=np.asarray(data["coef"], dtype=np.float64),
+                intercept=float(data["intercept"]),
+                metrics=dict(data.get("metrics") or {}),
+                training=dict(data.get("training") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ModelError):
+                raise
+            raise ModelError("malformed model file: %s" % exc) from exc
+        if model.feature_version != features.FEATURE_VERSION:
+            raise ModelError("model uses features %r, this code computes %r"
+                             % (model.feature_version, features.FEATURE_VERSION))
+        shapes = {model.mean.shape, model.scale.shape, model.coef.shape}
+        if shapes != {(features.N_FEATURES,)}:
+            raise ModelError("model has the wrong number of weights")
+        finite = all(np.all(np.isfinite(a)) for a in (model.mean, model.scale, model.coef))
+        if not finite or not math.isfinite(model.intercept) or np.any(model.scale <= 0):
+            raise ModelError("model has non-finite or non-positive values")
+        return model
+
+
+def read_model(path: str) -> LinearModel:
+    """Load one JSON model file; :class:`ModelError` if it is missing or unusable."""
+    try:
+        with open(path, "r", encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ModelError("cannot read %s: %s" % (path, exc)) from exc
+    if not isinstance(data, dict):
+        raise ModelError("%s does not hold a JSON object" % path)
+    return LinearModel.from_json(data)
+
+
+def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
+    """Write JSON to ``path`` so that readers and crashes see the old file or the new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is not a secret
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    # the rename is durable only once the directory entry is on disk (POSIX; no-op on Windows)
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ModelFiles:
+    """Where the active model lives: current, previous (for rollback), bundled baseline."""
+
+    def __init__(self, data_dir: str, baseline_path: str = BASELINE_PATH) -> None:
+        self.directory = os.path.join(data_dir, "models")
+        self.current = os.path.join(self.directory, "current.json")
+        self.previous = os.path.join(self.directory, "previous.json")
+        self.baseline = baseline_path
+
+    def load_active(self) -> tuple[Optional[LinearModel], str]:
+        """The newest usable model and where it came from; (None, reason) if there is none.
+
+        A damaged ``current.json`` is logged and skipped, so a bad file costs a rollback to the
+        previous model, not the service.
+        """
+        problems = []
+        for source, path in (("current", self.current), ("previous", self.previous),
+                             ("baseline", self.baseline)):
+            if not os.path.exists(path):
+                continue
+            try:
+                return read_model(path), source
+            except ModelError as exc:
+                log.warning("skipping %s model: %s", source, exc)
+                problems.append(str(exc))
+        return None, "; ".join(problems) or "no model file found"
+
+    def install(self, model: LinearModel) -> None:
+        """Make ``model`` current; the model it replaces becomes ``previous.json``."""
+        os.makedirs(self.directory, exist_ok=True)
+        if os.path.exists(self.current):
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.directory)
+            os.close(fd)
+            shutil.copyfile(self.current, tmp)
+            os.replace(tmp, self.previous)
+        write_json_atomically(self.current, model.to_json())

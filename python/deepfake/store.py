@@ -1,0 +1,209 @@
+"""SQLite storage for analyses and training samples (feedback), in WAL mode.
+
+What is kept: per-crop feature vectors, the label, the image's SHA-256, size, format and times.
+Images themselves are written only when the user opts in, to ``images/<sha256>.<ext>``.
+One image is one training sample: a second label for the same bytes updates that sample
+instead of counting it twice.
+
+Durability: every write is one transaction with ``synchronous=FULL``; WAL keeps readers off the
+writer's back, so a process killed mid-write loses at most the write in flight, never
+committed rows. Each call opens its own connection, which makes the store safe to use from
+the threaded server without sharing connections across threads.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sqlite3
+import tempfile
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from . import features
+
+LABELS = ("real", "fake")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS analyses (
+    analysis_id TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    feature_version TEXT NOT NULL,
+    n_crops INTEGER NOT NULL,
+    features BLOB NOT NULL,
+    probability REAL,
+    verdict TEXT NOT NULL,
+    model_version TEXT,
+    image_path TEXT
+);
+CREATE TABLE IF NOT EXISTS samples (
+    sample_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_sha256 TEXT NOT NULL UNIQUE,
+    label TEXT NOT NULL CHECK (label IN ('real', 'fake')),
+    analysis_id TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    feature_version TEXT NOT NULL,
+    n_crops INTEGER NOT NULL,
+    features BLOB NOT NULL,
+    image_path TEXT
+);
+"""
+
+
+def utc_now() -> str:
+    """Now as ISO 8601 UTC with millisecond precision and a ``Z``."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What the store keeps about one image (analysed or labelled)."""
+
+    sha256: str
+    width: int
+    height: int
+    format: str
+    bytes: int
+    vectors: np.ndarray  # (n_crops, N_FEATURES) float32
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    sample_id: int
+    duplicate: bool
+    label: str
+
+
+def _pack(vectors: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vectors, dtype="<f4").tobytes()
+
+
+def _unpack(blob: bytes, n_crops: int) -> np.ndarray:
+    return np.frombuffer(blob, dtype="<f4").reshape(n_crops, features.N_FEATURES)
+
+
+class Store:
+    """The service's database and the opt-in image folder under one data directory."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, "deepfake.sqlite3")
+        self.images_dir = os.path.join(data_dir, "images")
+        os.makedirs(data_dir, exist_ok=True)
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as conn:
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            yield conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def keep_image(self, record: ImageRecord, data: bytes) -> str:
+        """Write the image's bytes (opt-in only) atomically; returns the path."""
+        os.makedirs(self.images_dir, exist_ok=True)
+        path = os.path.join(self.images_dir, "%s.%s" % (record.sha256, record.format.lower()))
+        if not os.path.exists(path):
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.images_dir)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        return path
+
+    def add_analysis(self, analysis_id: str, record: ImageRecord, probability: Optional[float],
+                     verdict: str, model_version: Optional[str],
+                     image_path: Optional[str] = None) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO analyses VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (analysis_id, utc_now(), record.sha256, record.width, record.height,
+                 record.format, record.bytes, features.FEATURE_VERSION, len(record.vectors),
+                 _pack(record.vectors), probability, verdict, model_version, image_path))
+
+    def get_analysis(self, analysis_id: str) -> Optional[tuple[ImageRecord, Optional[str]]]:
+        """The stored record of an earlier analysis and its image path, or None."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT image_sha256, width, height, format, bytes, n_crops, features,"
+                " image_path, feature_version FROM analyses WHERE analysis_id = ?",
+                (analysis_id,)).fetchone()
+        if row is None or row[8] != features.FEATURE_VERSION:
+            return None
+        record = ImageRecord(row[0], row[1], row[2], row[3], row[4], _unpack(row[6], row[5]))
+        return record, row[7]
+
+    def add_sample(self, record: ImageRecord, label: str, analysis_id: Optional[str] = None,
+                   image_path: Optional[str] = None) -> SampleResult:
+        """Store a labelled image; the same image again updates its label, not the count."""
+        if label not in LABELS:
+            raise ValueError("label must be one of %s" % (LABELS,))
+        now = utc_now()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT sample_id FROM samples WHERE image_sha256 = ?",
+                               (record.sha256,)).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE samples SET label = ?, updated_at = ?,"
+                    " analysis_id = COALESCE(?, analysis_id),"
+                    " image_path = COALESCE(?, image_path) WHERE sample_id = ?",
+                    (label, now, analysis_id, image_path, row[0]))
+                return SampleResult(int(row[0]), True, label)
+            cursor = conn.execute(
+                "INSERT INTO samples (image_sha256, label, analysis_id, created_at, updated_at,"
+                " width, height, format, bytes, feature_version, n_crops, features, image_path)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (record.sha256, label, analysis_id, now, now, record.width, record.height,
+                 record.format, record.bytes, features.FEATURE_VERSION, len(record.vectors),
+                 _pack(record.vectors), image_path))
+            return SampleResult(int(cursor.lastrowid), False, label)
+
+    def counts(self) -> dict[str, int]:
+        """Training samples per label (both labels always present)."""
+        result = {label: 0 for label in LABELS}
+        with self._connect() as conn:
+            for label, count in conn.execute(
+                    "SELECT label, COUNT(*) FROM samples GROUP BY label"):
+                result[label] = int(count)
+        return result
+
+    def last_sample_time(self) -> Optional[str]:
+        with self._connect() as conn:
+            row = conn.execute("SELECT MAX(updated_at) FROM samples").fetchone()
+        return row[0] if row else None
+
+    def samples(self) -> list[tuple[str, str, np.ndarray]]:
+        """Every usable training sample as (sha256, label, crop vectors)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT image_sha256, label, n_crops, features FROM samples"
+                " WHERE feature_version = ? AND n_crops > 0 ORDER BY sample_id",
+                (features.FEATURE_VERSION,)).fetchall()
+        return [(sha, label, _unpack(blob, n)) for sha, label, n, blob in rows]
