@@ -1,0 +1,1040 @@
+"""Tests for tornado_gateway.pool: the keep-alive upstream client, against real servers.
+
+Servers used, all on 127.0.0.1 with free ports:
+- a Tornado HTTPServer in-process (counts its connections),
+- a scripted raw TCP server in-process (answers exactly what a test says: HTTP/1.0,
+  ``Connection: close``, or closing a kept-alive connection when the next request comes),
+- waitress and the Werkzeug (Flask) development server as subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from typing import Any, Optional
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tornado import httputil
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
+from tornado.tcpserver import TCPServer
+from tornado.testing import bind_unused_port
+from tornado.web import Application, RequestHandler, stream_request_body
+
+from tornado_gateway.pool import KeepAliveHTTPClient
+
+
+def payload(n: int) -> bytes:
+    """Deterministic, non-repeating-looking bytes of length n."""
+    block = bytes(range(256)) * (n // 256 + 1)
+    return block[:n]
+
+
+# --------------------------------------------------------------------- Tornado server
+
+
+class CountingServer(HTTPServer):
+    """HTTPServer that records its connections (to see whether the client reuses them)."""
+
+    def initialize(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().initialize(*args, **kwargs)
+        self.streams: list[IOStream] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        self.streams.append(stream)
+        super().handle_stream(stream, address)
+
+    @property
+    def connections(self) -> int:
+        return len(self.streams)
+
+    def open_connections(self) -> int:
+        return sum(1 for s in self.streams if not s.closed())
+
+    def close_idle(self) -> None:
+        """Close every server-side connection (the server dropping idle keep-alives)."""
+        for s in self.streams:
+            s.close()
+
+
+class Hello(RequestHandler):
+    def get(self) -> None:
+        self.write(b"hello")
+
+    def head(self) -> None:
+        self.set_header("Content-Length", "5")
+
+
+class Size(RequestHandler):
+    def get(self, n: str) -> None:
+        self.write(payload(int(n)))
+
+
+class Chunked(RequestHandler):
+    async def get(self, n: str) -> None:
+        data = payload(int(n))
+        for i in range(0, len(data), 7000):
+            self.write(data[i : i + 7000])
+            await self.flush()  # no Content-Length: Tornado answers chunked
+
+
+class Status(RequestHandler):
+    def get(self, code: str) -> None:
+        self.set_status(int(code))
+        if int(code) == 304:
+            self.set_header("ETag", '"x"')
+
+
+class Slow(RequestHandler):
+    async def get(self) -> None:
+        server: CountingServer = self.application.settings["server_ref"][0]
+        server.in_flight += 1
+        server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        try:
+            await asyncio.sleep(float(self.get_argument("s", "0.05")))
+            self.write(b"slow")
+        finally:
+            server.in_flight -= 1
+
+
+class CloseAfter(RequestHandler):
+    """Answers, then closes the connection without having said ``Connection: close``."""
+
+    async def get(self, n: str) -> None:
+        self.write(payload(int(n)))
+        await self.finish()
+        self.request.connection.close()
+
+
+class Drip(RequestHandler):
+    """A long chunked download, for back-pressure and cancellation."""
+
+    async def get(self) -> None:
+        for _ in range(int(self.get_argument("n", "50"))):
+            self.write(b"x" * 16384)
+            await self.flush()
+            await asyncio.sleep(float(self.get_argument("s", "0")))
+
+
+@stream_request_body
+class Echo(RequestHandler):
+    """Echoes the body; X-Framing says how it arrived (length or chunked)."""
+
+    def prepare(self) -> None:
+        self.received = bytearray()
+
+    def data_received(self, chunk: bytes) -> None:
+        self.received += chunk
+
+    def _answer(self) -> None:
+        te = self.request.headers.get("Transfer-Encoding", "")
+        self.set_header("X-Framing", "chunked" if "chunked" in te else "length")
+        self.write(bytes(self.received))
+
+    post = put = patch = _answer
+
+
+@pytest.fixture
+def server(io_loop: IOLoop) -> Any:
+    ref: list[CountingServer] = []
+    app = Application(
+        [
+            (r"/hello", Hello),
+            (r"/size/(\d+)", Size),
+            (r"/chunked/(\d+)", Chunked),
+            (r"/status/(\d+)", Status),
+            (r"/slow", Slow),
+            (r"/close/(\d+)", CloseAfter),
+            (r"/drip", Drip),
+            (r"/echo", Echo),
+        ],
+        server_ref=ref,
+    )
+    sock, port = bind_unused_port()
+    srv = CountingServer(app)
+    ref.append(srv)
+    srv.add_sockets([sock])
+    srv.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    yield srv
+    srv.stop()
+    srv.close_idle()
+
+
+@pytest.fixture
+def client(io_loop: IOLoop) -> Any:
+    c = KeepAliveHTTPClient(force_instance=True, max_clients=10)
+    yield c
+    c.close()
+
+
+async def settle(seconds: float = 0.05) -> None:
+    """Let the IOLoop process pending closes and timeouts."""
+    await asyncio.sleep(seconds)
+
+
+# --------------------------------------------------------------------- scripted server
+
+
+Answer = Optional[tuple[bytes, bool]]  # (raw response, close after) or None: close now
+
+
+class ScriptedServer(TCPServer):
+    """Raw HTTP/1.x server whose answers come from ``script(conn_no, req_no, method, path)``.
+
+    ``conn_no`` counts connections from 1, ``req_no`` requests on that connection from 1.
+    """
+
+    def __init__(self, script: Callable[[int, int, str, str], Answer]) -> None:
+        super().__init__()
+        self.script = script
+        self.connections = 0
+        self.requests: list[tuple[int, int, str, str, bytes]] = []
+        sock, self.port = bind_unused_port()
+        self.add_sockets([sock])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def handle_stream(self, stream: IOStream, address: tuple) -> None:
+        self.connections += 1
+        conn_no, req_no = self.connections, 0
+        try:
+            while True:
+                head = await stream.read_until(b"\r\n\r\n")
+                text = head.decode("latin1")
+                start, _, rest = text.partition("\r\n")
+                method, path, _version = start.split(" ")
+                headers = httputil.HTTPHeaders.parse(rest)
+                body = b""
+                if "Content-Length" in headers:
+                    body = await stream.read_bytes(int(headers["Content-Length"]))
+                elif "chunked" in headers.get("Transfer-Encoding", ""):
+                    while True:
+                        size = int((await stream.read_until(b"\r\n"))[:-2], 16)
+                        body += (await stream.read_bytes(size + 2))[:-2]
+                        if size == 0:
+                            break
+                req_no += 1
+                self.requests.append((conn_no, req_no, method, path, body))
+                answer = self.script(conn_no, req_no, method, path)
+                if answer is None:
+                    stream.close()
+                    return
+                data, close_after = answer
+                await stream.write(data)
+                if close_after:
+                    stream.close()
+                    return
+        except StreamClosedError:
+            pass
+
+
+def raw(
+    status: str, body: bytes | None, *headers: str, version: str = "HTTP/1.1"
+) -> bytes:
+    """A raw response; with ``body=None``, no body and no automatic Content-Length."""
+    lines = [f"{version} {status}", *headers]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+def keepalive_then_drop(conn_no: int, req_no: int, method: str, path: str) -> Answer:
+    """First request on a connection is answered (kept alive); the next one is dropped.
+
+    This is the race a keep-alive client has to survive: the server decided to close an
+    idle connection while the client was already sending a request on it.
+    """
+    if req_no == 1:
+        body = f"ok {conn_no}".encode()
+        if method == "HEAD":  # Content-Length of the body, but no body
+            return raw("200 OK", None, f"Content-Length: {len(body)}"), False
+        return raw("200 OK", body), False
+    return None
+
+
+@pytest.fixture
+def scripted(io_loop: IOLoop) -> Any:
+    made: list[ScriptedServer] = []
+
+    def make(script: Callable[[int, int, str, str], Answer]) -> ScriptedServer:
+        srv = ScriptedServer(script)
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        srv.stop()
+
+
+# --------------------------------------------------------------------- subprocess servers
+
+
+WAITRESS_APP = textwrap.dedent(
+    """
+    import sys, waitress
+    def app(environ, start_response):
+        path = environ["PATH_INFO"]
+        if path == "/echo":
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        elif path.startswith("/size/"):
+            body = bytes(range(256)) * (int(path[6:]) // 256 + 1)
+            body = body[: int(path[6:])]
+        else:
+            body = b'{"ok": true}'
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Content-Length", str(len(body)))])
+        return [body]
+    waitress.serve(app, host="127.0.0.1", port=int(sys.argv[1]),
+                   channel_timeout=float(sys.argv[2]), cleanup_interval=1, _quiet=True)
+    """
+)
+
+FLASK_APP = textwrap.dedent(
+    """
+    import sys
+    from flask import Flask, request
+    app = Flask(__name__)
+    @app.route("/hello")
+    def hello():
+        return {"ok": True}
+    @app.route("/echo", methods=["POST"])
+    def echo():
+        return request.get_data()
+    app.run(host="127.0.0.1", port=int(sys.argv[1]), threaded=True)
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def spawn_server(source: str, *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", source, str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_listening(port, proc)
+    except Exception:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def waitress_url() -> Any:
+    pytest.importorskip("waitress")
+    # waitress closes keep-alive connections idle for 1 s (checked every second).
+    proc, url = spawn_server(WAITRESS_APP, "1")
+    yield url
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def flask_url() -> Any:
+    pytest.importorskip("flask")
+    proc, url = spawn_server(FLASK_APP)
+    yield url
+    stop(proc)
+
+
+# ===================================================================== tests: reuse
+
+
+@pytest.mark.timeout(10)
+async def test_sequential_requests_reuse_one_connection(server, client):
+    for _ in range(20):
+        resp = await client.fetch(server.url + "/hello")
+        assert resp.code == 200 and resp.body == b"hello"
+    assert server.connections == 1
+    assert client.stats["connected"] == 1 and client.stats["reused"] == 19
+    assert client.idle_count() == 1
+
+
+@pytest.mark.timeout(10)
+async def test_request_sends_http11_without_connection_close(scripted, client):
+    srv = scripted(lambda c, r, m, p: (raw("200 OK", b"ok"), False))
+    seen: list[bytes] = []
+
+    async def capture(stream: IOStream, address: tuple) -> None:
+        seen.append(await stream.read_until(b"\r\n\r\n"))
+        await stream.write(raw("200 OK", b"ok"))
+
+    srv.handle_stream = capture  # type: ignore[method-assign]
+    await client.fetch(srv.url + "/x")
+    head = seen[0].decode().lower()
+    assert head.startswith("get /x http/1.1\r\n")
+    assert "connection:" not in head
+
+
+@pytest.mark.timeout(10)
+async def test_concurrency_beyond_max_clients_is_queued(server, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True, max_clients=4)
+    try:
+        resps = await asyncio.gather(
+            *(c.fetch(server.url + "/slow?s=0.05") for _ in range(40))
+        )
+        assert all(r.code == 200 and r.body == b"slow" for r in resps)
+        assert server.max_in_flight <= 4
+        assert server.connections <= 4
+        assert c.idle_count() <= 4
+        # The pool keeps the connections: a second wave opens none.
+        before = server.connections
+        await asyncio.gather(*(c.fetch(server.url + "/slow?s=0.01") for _ in range(8)))
+        assert server.connections == before
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(10)
+async def test_queued_request_times_out_in_queue(server, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True, max_clients=1)
+    try:
+        first = c.fetch(server.url + "/slow?s=0.5")
+        with pytest.raises(HTTPTimeoutError, match="queue"):
+            await c.fetch(server.url + "/hello", request_timeout=0.1)
+        assert (await first).body == b"slow"
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(10)
+async def test_max_idle_per_host_bounds_the_pool(server, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True, max_clients=6, max_idle_per_host=2)
+    try:
+        await asyncio.gather(*(c.fetch(server.url + "/slow?s=0.05") for _ in range(6)))
+        assert server.connections == 6
+        assert c.idle_count() == 2
+        await settle()
+        assert server.open_connections() == 2
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(10)
+async def test_idle_timeout_closes_the_socket(server, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True, idle_timeout=0.2)
+    try:
+        await c.fetch(server.url + "/hello")
+        assert c.idle_count() == 1
+        await settle(0.4)
+        assert c.idle_count() == 0
+        assert server.open_connections() == 0
+        await c.fetch(server.url + "/hello")
+        assert server.connections == 2
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(10)
+async def test_close_closes_idle_connections(server, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True)
+    await asyncio.gather(*(c.fetch(server.url + "/slow") for _ in range(3)))
+    assert server.open_connections() == 3
+    c.close()
+    await settle()
+    assert server.open_connections() == 0
+
+
+def test_configure_selects_the_pool(io_loop):
+    saved = AsyncHTTPClient._save_configuration()
+    try:
+        AsyncHTTPClient.configure(
+            "tornado_gateway.pool.KeepAliveHTTPClient",
+            max_clients=7,
+            max_body_size=1234,
+            max_idle_per_host=3,
+            idle_timeout=1.5,
+        )
+        c = AsyncHTTPClient(force_instance=True)
+        try:
+            assert isinstance(c, KeepAliveHTTPClient)
+            assert (c.max_clients, c.max_body_size) == (7, 1234)
+            assert (c.max_idle_per_host, c.idle_timeout) == (3, 1.5)
+        finally:
+            c.close()
+    finally:
+        AsyncHTTPClient._restore_configuration(saved)
+
+
+# ===================================================================== tests: bodies
+
+
+def producer(data: bytes, piece: int = 10000) -> Callable[[Callable], Any]:
+    async def produce(write: Callable[[bytes], Any]) -> None:
+        for i in range(0, len(data), piece):
+            await write(data[i : i + piece])
+            await asyncio.sleep(0)
+
+    return produce
+
+
+@pytest.mark.timeout(10)
+async def test_streamed_upload_with_content_length_is_fixed_length(server, client):
+    data = payload(300_000)
+    for _ in range(2):
+        resp = await client.fetch(
+            server.url + "/echo",
+            method="POST",
+            headers={"Content-Length": str(len(data))},
+            body_producer=producer(data),
+        )
+        assert resp.headers["X-Framing"] == "length"
+        assert resp.body == data
+    assert server.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_streamed_upload_without_length_is_chunked(server, client):
+    data = payload(123_457)
+    for _ in range(2):
+        resp = await client.fetch(
+            server.url + "/echo", method="POST", body_producer=producer(data)
+        )
+        assert resp.headers["X-Framing"] == "chunked"
+        assert resp.body == data
+    assert server.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_plain_bodies_put_and_patch(server, client):
+    for method in ("POST", "PUT", "PATCH"):
+        resp = await client.fetch(server.url + "/echo", method=method, body=b"abc")
+        assert resp.body == b"abc"
+    assert server.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_streamed_download_awaits_async_callback(server, client):
+    got = bytearray()
+    active = 0
+    overlapped = False
+
+    async def on_chunk(chunk: bytes) -> None:
+        nonlocal active, overlapped
+        active += 1
+        overlapped = overlapped or active > 1
+        await asyncio.sleep(0.002)  # a slow downstream client
+        got.extend(chunk)
+        active -= 1
+
+    resp = await client.fetch(server.url + "/drip?n=40", streaming_callback=on_chunk)
+    assert resp.code == 200 and resp.body == b""
+    assert bytes(got) == b"x" * (40 * 16384)
+    assert not overlapped, "the next chunk came before the callback's await finished"
+    # Fully read with chunked framing: the connection is pooled and reused.
+    for path in ("/chunked/100000", "/size/100000"):
+        got.clear()
+        await client.fetch(server.url + path, streaming_callback=on_chunk)
+        assert bytes(got) == payload(100_000)
+    assert server.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_download_back_pressure_stops_reading(server, client):
+    """While the callback waits, the client reads no more: the server's writes stall."""
+    gate = asyncio.Event()
+    chunks = 0
+
+    async def on_chunk(chunk: bytes) -> None:
+        nonlocal chunks
+        chunks += 1
+        await gate.wait()
+
+    fut = client.fetch(server.url + "/drip?n=2000", streaming_callback=on_chunk)
+    await settle(0.3)
+    assert chunks == 1  # 32 MB were offered; one chunk delivered, the rest waits
+    gate.set()
+    resp = await fut
+    assert resp.code == 200 and chunks > 1
+
+
+@pytest.mark.timeout(10)
+async def test_header_callback_gets_raw_lines(server, client):
+    lines: list[str] = []
+    await client.fetch(server.url + "/hello", header_callback=lines.append)
+    assert lines[0].startswith("HTTP/1.1 200")
+    assert lines[-1] == "\r\n"
+    assert any(line.lower().startswith("content-length: 5") for line in lines)
+
+
+@pytest.mark.timeout(10)
+async def test_head_204_304_then_reuse(server, client):
+    resp = await client.fetch(server.url + "/hello", method="HEAD")
+    assert resp.code == 200 and resp.body == b""
+    assert resp.headers["Content-Length"] == "5"
+    resp = await client.fetch(server.url + "/status/204")
+    assert resp.code == 204 and resp.body == b""
+    resp = await client.fetch(server.url + "/status/304", raise_error=False)
+    assert resp.code == 304 and resp.body == b""
+    resp = await client.fetch(server.url + "/hello")
+    assert resp.body == b"hello"
+    assert server.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_raise_error_false_returns_http_errors(server, client):
+    resp = await client.fetch(server.url + "/status/404", raise_error=False)
+    assert resp.code == 404
+    with pytest.raises(HTTPClientError) as info:
+        await client.fetch(server.url + "/status/500")
+    assert info.value.code == 500
+    # Error statuses with a complete body keep the connection.
+    assert server.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_connection_refused_raises_even_without_raise_error(client):
+    with pytest.raises(ConnectionRefusedError):
+        await client.fetch(f"http://127.0.0.1:{free_port()}/", raise_error=False)
+
+
+@pytest.mark.timeout(10)
+async def test_max_body_size(server, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True, max_body_size=10_000)
+    try:
+        for path in ("/size/20000", "/chunked/20000"):
+            with pytest.raises(HTTPClientError) as info:
+                await c.fetch(server.url + path, raise_error=False)
+            assert info.value.code == 599
+        assert c.idle_count() == 0
+        assert (await c.fetch(server.url + "/size/10000")).body == payload(10_000)
+        # Also when streaming, the limit applies to the whole body.
+        with pytest.raises(HTTPClientError):
+            await c.fetch(server.url + "/size/20000", streaming_callback=lambda b: None)
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(10)
+async def test_max_body_size_message_names_the_limit(server, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True, max_body_size=10_000)
+    try:
+        with pytest.raises(HTTPStreamClosedError, match="max_body_size"):
+            await c.fetch(server.url + "/size/20000")
+    finally:
+        c.close()
+
+
+# ===================================================================== tests: failures
+
+
+@pytest.mark.timeout(10)
+async def test_timeout_is_599_and_socket_not_pooled(server, client):
+    with pytest.raises(HTTPTimeoutError) as info:
+        await client.fetch(server.url + "/slow?s=1", request_timeout=0.2, raise_error=False)
+    assert info.value.code == 599
+    assert client.idle_count() == 0
+    await settle()
+    assert server.open_connections() == 0
+    assert (await client.fetch(server.url + "/hello")).body == b"hello"
+    assert server.connections == 2
+
+
+@pytest.mark.timeout(10)
+async def test_timeout_mid_download_closes(server, client):
+    with pytest.raises(HTTPTimeoutError):
+        await client.fetch(
+            server.url + "/drip?n=100&s=0.01",
+            request_timeout=0.2,
+            streaming_callback=lambda b: None,
+        )
+    await settle()
+    assert client.idle_count() == 0 and server.open_connections() == 0
+
+
+@pytest.mark.timeout(10)
+async def test_cancelling_the_future_aborts(server, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True, max_clients=1)
+    try:
+        got = 0
+
+        def on_chunk(chunk: bytes) -> None:
+            nonlocal got
+            got += len(chunk)
+
+        fut = c.fetch(server.url + "/drip?n=1000&s=0.01", streaming_callback=on_chunk)
+        await settle(0.1)
+        assert got > 0
+        fut.cancel()
+        await settle()
+        assert server.open_connections() == 0
+        assert c.idle_count() == 0
+        # The max_clients slot was freed.
+        assert (await c.fetch(server.url + "/hello", request_timeout=2)).body == b"hello"
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(10)
+async def test_cancelling_a_queued_request(server, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True, max_clients=1)
+    try:
+        first = c.fetch(server.url + "/slow?s=0.2")
+        queued = c.fetch(server.url + "/slow?s=0.2")
+        queued.cancel()
+        assert (await first).body == b"slow"
+        await settle(0.3)
+        assert server.connections == 1 and len(c.queue) == 0 and not c.waiting
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(10)
+async def test_cancelling_the_awaiting_task_aborts(server, client):
+    task = asyncio.ensure_future(
+        client.fetch(server.url + "/drip?n=1000&s=0.01", streaming_callback=lambda b: None)
+    )
+    await settle(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settle()
+    assert server.open_connections() == 0 and client.idle_count() == 0
+
+
+@pytest.mark.timeout(10)
+async def test_streaming_callback_raising_aborts(server, client):
+    async def on_chunk(chunk: bytes) -> None:
+        raise StreamClosedError()  # what writing to a departed client raises
+
+    with pytest.raises(HTTPStreamClosedError, match="streaming_callback") as info:
+        await client.fetch(server.url + "/drip?n=100&s=0.01", streaming_callback=on_chunk)
+    assert isinstance(info.value.__cause__, StreamClosedError)
+    await settle()
+    assert server.open_connections() == 0 and client.idle_count() == 0
+
+
+@pytest.mark.timeout(10)
+async def test_body_producer_raising_closes(server, client):
+    async def produce(write: Callable[[bytes], Any]) -> None:
+        await write(b"x" * 1000)
+        raise RuntimeError("client went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        await client.fetch(
+            server.url + "/echo",
+            method="POST",
+            headers={"Content-Length": "5000"},
+            body_producer=produce,
+        )
+    await settle()
+    assert server.open_connections() == 0 and client.idle_count() == 0
+
+
+@pytest.mark.timeout(10)
+async def test_server_closing_idle_connection_then_get(server, client):
+    await client.fetch(server.url + "/hello")
+    server.close_idle()
+    # No chance for the client to notice before the next request: the check on reuse
+    # (or the retry) handles it.
+    assert (await client.fetch(server.url + "/hello")).body == b"hello"
+    assert server.connections == 2
+
+
+@pytest.mark.timeout(10)
+async def test_server_closing_after_response_then_post(server, client):
+    await client.fetch(server.url + "/close/10")
+    resp = await client.fetch(server.url + "/echo", method="POST", body=b"data")
+    assert resp.body == b"data"
+    assert server.connections == 2 and client.stats["retried"] == 0
+
+
+@pytest.mark.timeout(10)
+async def test_dead_pooled_connection_get_is_retried(scripted, client):
+    srv = scripted(keepalive_then_drop)
+    assert (await client.fetch(srv.url + "/a")).body == b"ok 1"
+    # The pooled connection looks alive; the server drops it on the next request.
+    for method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        resp = await client.fetch(srv.url + "/b", method=method)
+        assert resp.code == 200
+    assert client.stats["retried"] == 4
+    put = await client.fetch(srv.url + "/c", method="PUT", body=b"same")
+    assert put.code == 200 and client.stats["retried"] == 5
+
+
+@pytest.mark.timeout(10)
+async def test_dead_pooled_connection_post_is_not_retried(scripted, client):
+    srv = scripted(keepalive_then_drop)
+    await client.fetch(srv.url + "/a")
+    with pytest.raises((HTTPClientError, ConnectionError)) as info:
+        await client.fetch(srv.url + "/b", method="POST", body=b"once", raise_error=False)
+    if isinstance(info.value, HTTPClientError):
+        assert info.value.code == 599
+    posts = [r for r in srv.requests if r[2] == "POST"]
+    assert len(posts) == 1 and client.stats["retried"] == 0
+
+
+@pytest.mark.timeout(10)
+async def test_dead_pooled_connection_producer_body_is_not_retried(scripted, client):
+    srv = scripted(keepalive_then_drop)
+    await client.fetch(srv.url + "/a")
+    with pytest.raises((HTTPClientError, ConnectionError)):
+        await client.fetch(
+            srv.url + "/b",
+            method="PUT",
+            headers={"Content-Length": "3"},
+            body_producer=producer(b"abc"),
+        )
+    assert client.stats["retried"] == 0
+
+
+@pytest.mark.timeout(10)
+async def test_fresh_connection_failure_is_not_retried(scripted, client):
+    srv = scripted(lambda c, r, m, p: None)  # drops every request
+    with pytest.raises((HTTPClientError, ConnectionError)):
+        await client.fetch(srv.url + "/x")
+    assert srv.connections == 1 and client.stats["retried"] == 0
+
+
+@pytest.mark.timeout(10)
+async def test_http10_server_without_keepalive(scripted, client):
+    srv = scripted(lambda c, r, m, p: (raw("200 OK", b"old", version="HTTP/1.0"), True))
+    for _ in range(3):
+        assert (await client.fetch(srv.url + "/")).body == b"old"
+    assert srv.connections == 3 and client.idle_count() == 0
+
+
+@pytest.mark.timeout(10)
+async def test_http10_server_with_keepalive_is_reused(scripted, client):
+    srv = scripted(
+        lambda c, r, m, p: (
+            raw("200 OK", b"ka", "Connection: keep-alive", version="HTTP/1.0"),
+            False,
+        )
+    )
+    for _ in range(3):
+        assert (await client.fetch(srv.url + "/")).body == b"ka"
+    assert srv.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_body_until_close_is_not_pooled(scripted, client):
+    def script(c: int, r: int, m: str, p: str) -> Answer:
+        return b"HTTP/1.1 200 OK\r\n\r\nuntil-close", True
+
+    srv = scripted(script)
+    for _ in range(2):
+        assert (await client.fetch(srv.url + "/")).body == b"until-close"
+    assert srv.connections == 2 and client.idle_count() == 0
+
+
+@pytest.mark.timeout(10)
+async def test_connection_close_answer_is_not_pooled(scripted, client):
+    srv = scripted(lambda c, r, m, p: (raw("200 OK", b"bye", "Connection: close"), True))
+    for _ in range(3):
+        assert (await client.fetch(srv.url + "/")).body == b"bye"
+    assert srv.connections == 3 and client.idle_count() == 0
+    assert client.stats["retried"] == 0
+
+
+@pytest.mark.timeout(10)
+async def test_unsolicited_bytes_make_a_connection_unusable(scripted, client):
+    # Some servers send "408 Request Timeout" on an idle connection before closing it.
+    def script(c: int, r: int, m: str, p: str) -> Answer:
+        return raw("200 OK", b"ok") + raw("408 Request Timeout", b""), False
+
+    srv = scripted(script)
+    assert (await client.fetch(srv.url + "/")).body == b"ok"
+    assert client.idle_count() == 0  # extra bytes after the response: not pooled
+    assert (await client.fetch(srv.url + "/")).body == b"ok"
+
+
+# ===================================================================== real backends
+
+
+@pytest.mark.timeout(30)
+async def test_waitress_keepalive_and_idle_close(waitress_url, client):
+    for _ in range(5):
+        assert (await client.fetch(waitress_url + "/hello")).body == b'{"ok": true}'
+    assert client.stats["connected"] == 1
+    data = payload(200_000)
+    resp = await client.fetch(
+        waitress_url + "/echo",
+        method="POST",
+        headers={"Content-Length": str(len(data))},
+        body_producer=producer(data),
+    )
+    assert resp.body == data
+    assert client.stats["connected"] == 1
+    # waitress (channel_timeout=1) closes the idle connection; a POST afterwards must
+    # go out on a new connection, not fail on the dead one.
+    await settle(2.5)
+    resp = await client.fetch(waitress_url + "/echo", method="POST", body=b"later")
+    assert resp.body == b"later"
+    assert client.stats["connected"] == 2
+
+
+@pytest.mark.timeout(30)
+async def test_waitress_concurrent_mix(waitress_url, io_loop):
+    c = KeepAliveHTTPClient(force_instance=True, max_clients=8)
+    try:
+        async def one(i: int) -> None:
+            if i % 3 == 0:
+                resp = await c.fetch(waitress_url + "/echo", method="POST", body=payload(i))
+                assert resp.body == payload(i)
+            else:
+                resp = await c.fetch(waitress_url + f"/size/{i * 100}")
+                assert resp.body == payload(i * 100)
+
+        await asyncio.gather(*(one(i) for i in range(200)))
+        assert c.stats["connected"] <= 8
+    finally:
+        c.close()
+
+
+@pytest.mark.timeout(30)
+async def test_flask_dev_server_closes_every_connection(flask_url, client):
+    for i in range(5):
+        assert (await client.fetch(flask_url + "/hello")).code == 200
+        resp = await client.fetch(flask_url + "/echo", method="POST", body=b"p%d" % i)
+        assert resp.body == b"p%d" % i
+    assert client.stats["connected"] == 10
+    assert client.idle_count() == 0 and client.stats["retried"] == 0
+
+
+# ===================================================================== resources
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.timeout(30)
+async def test_no_fd_leak(server, scripted, io_loop):
+    dropper = scripted(keepalive_then_drop)
+    await settle()
+    gc.collect()
+    before = open_fds()
+    for round_ in range(3):
+        c = KeepAliveHTTPClient(force_instance=True, max_clients=5, max_idle_per_host=3)
+        jobs = []
+        for i in range(60):
+            jobs.append(c.fetch(server.url + f"/size/{i * 50}"))
+            jobs.append(c.fetch(server.url + "/echo", method="POST", body=b"x" * i))
+        jobs.append(c.fetch(server.url + "/slow?s=1", request_timeout=0.05))
+        jobs.append(c.fetch(server.url + "/close/5"))
+        jobs.append(c.fetch(dropper.url + "/a"))
+        jobs.append(c.fetch(dropper.url + "/b", method="POST", body=b"x"))
+        jobs.append(c.fetch(f"http://127.0.0.1:{free_port()}/"))
+        await asyncio.gather(*jobs, return_exceptions=True)
+        cancelled = c.fetch(server.url + "/drip?n=100&s=0.01", streaming_callback=len)
+        await settle(0.05)
+        cancelled.cancel()
+        c.close()
+    server.close_idle()
+    await settle(0.3)
+    gc.collect()
+    assert open_fds() <= before
+
+
+# ===================================================================== property
+
+
+kinds = st.one_of(
+    st.tuples(st.just("GET"), st.integers(0, 70_000)),
+    st.tuples(st.just("CHUNKED"), st.integers(0, 70_000)),
+    st.tuples(st.just("HEAD"), st.just(0)),
+    st.tuples(st.just("POST"), st.integers(0, 70_000)),
+    st.tuples(st.just("STREAM"), st.integers(0, 70_000)),
+    st.tuples(st.just("CLOSE"), st.integers(0, 5_000)),  # server closes after answer
+    st.tuples(st.just("KILL"), st.just(0)),  # server drops its idle connections
+    st.tuples(st.just("STATUS"), st.sampled_from([204, 304, 404, 500])),
+)
+
+
+@pytest.mark.timeout(300)
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(steps=st.lists(st.lists(kinds, min_size=1, max_size=3), min_size=1, max_size=8))
+def test_random_sequences_get_right_answers(server, io_loop, steps):
+    """Waves of 1-3 concurrent requests; all succeed with the right body and status."""
+
+    async def check(c: KeepAliveHTTPClient, kind: str, n: int) -> None:
+        url = server.url
+        if kind == "KILL":
+            server.close_idle()
+            return
+        if kind == "GET":
+            resp = await c.fetch(url + f"/size/{n}")
+            assert (resp.code, resp.body) == (200, payload(n))
+        elif kind == "CHUNKED":
+            resp = await c.fetch(url + f"/chunked/{n}")
+            assert (resp.code, resp.body) == (200, payload(n))
+        elif kind == "HEAD":
+            resp = await c.fetch(url + "/hello", method="HEAD")
+            assert (resp.code, resp.body) == (200, b"")
+        elif kind == "POST":
+            resp = await c.fetch(url + "/echo", method="POST", body=payload(n))
+            assert (resp.code, resp.body) == (200, payload(n))
+        elif kind == "STREAM":
+            resp = await c.fetch(
+                url + "/echo",
+                method="POST",
+                headers={"Content-Length": str(n)},
+                body_producer=producer(payload(n), 4096),
+            )
+            assert (resp.code, resp.body) == (200, payload(n))
+        elif kind == "CLOSE":
+            resp = await c.fetch(url + f"/close/{n}")
+            assert (resp.code, resp.body) == (200, payload(n))
+        else:
+            resp = await c.fetch(url + f"/status/{n}", raise_error=False)
+            assert (resp.code, resp.body) == (n, b"")
+
+    async def run() -> None:
+        c = KeepAliveHTTPClient(force_instance=True, max_clients=2)
+        try:
+            for wave in steps:
+                await asyncio.gather(*(check(c, kind, n) for kind, n in wave))
+            assert c.stats["retried"] <= c.stats["reused"]
+        finally:
+            c.close()
+
+    io_loop.run_sync(run, timeout=30)
