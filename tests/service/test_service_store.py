@@ -1,0 +1,101 @@
+"""The SQLite store: round trips, duplicates, WAL, and surviving a kill mid-write."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import PYTHON_DIR
+from deepfake import features
+from deepfake.store import ImageRecord, Store
+
+
+def record(seed: int, crops: int = 3) -> ImageRecord:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(crops, features.N_FEATURES)).astype(np.float32)
+    return ImageRecord("%064x" % seed, 640, 480, "JPEG", 12345, vectors)
+
+
+def test_analysis_round_trip_keeps_features_exactly(tmp_path) -> None:
+    store = Store(str(tmp_path))
+    rec = record(1)
+    store.add_analysis("a1", rec, 0.25, "likely_real", "baseline-1")
+    got, image_path = store.get_analysis("a1")
+    assert image_path is None
+    assert (got.sha256, got.width, got.height, got.format, got.bytes) == (
+        rec.sha256, 640, 480, "JPEG", 12345)
+    assert np.array_equal(got.vectors, rec.vectors)
+    assert store.get_analysis("missing") is None
+
+
+def test_same_image_is_one_sample_and_its_label_can_change(tmp_path) -> None:
+    store = Store(str(tmp_path))
+    first = store.add_sample(record(1), "fake", "a1")
+    again = store.add_sample(record(1), "real")
+    other = store.add_sample(record(2), "fake")
+    assert not first.duplicate and again.duplicate and not other.duplicate
+    assert again.sample_id == first.sample_id
+    assert store.counts() == {"real": 1, "fake": 1}
+    assert [(label, v.shape) for _, label, v in store.samples()] == [
+        ("real", (3, features.N_FEATURES)), ("fake", (3, features.N_FEATURES))]
+    assert store.last_sample_time().endswith("Z")
+    with pytest.raises(ValueError):
+        store.add_sample(record(3), "maybe")
+
+
+def test_database_is_in_wal_mode_and_persists(tmp_path) -> None:
+    Store(str(tmp_path)).add_sample(record(1), "real")
+    with sqlite3.connect(os.path.join(tmp_path, "deepfake.sqlite3")) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert Store(str(tmp_path)).counts() == {"real": 1, "fake": 0}
+
+
+def test_images_are_kept_only_on_request(tmp_path) -> None:
+    store = Store(str(tmp_path))
+    path = store.keep_image(record(1), b"\xff\xd8data")
+    assert open(path, "rb").read() == b"\xff\xd8data"
+    assert os.listdir(store.images_dir) == [os.path.basename(path)]
+
+
+WRITER = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from deepfake import features
+from deepfake.store import ImageRecord, Store
+store = Store(sys.argv[2])
+i = 0
+while True:
+    vec = np.full((4, features.N_FEATURES), i, np.float32)
+    store.add_sample(ImageRecord("%064x" % i, 8, 8, "PNG", 1, vec), "real" if i % 2 else "fake")
+    print(i, flush=True)
+    i += 1
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_process_killed_mid_write_loses_no_committed_sample(tmp_path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, PYTHON_DIR, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        last = -1
+        deadline = time.monotonic() + 30
+        while last < 40 and time.monotonic() < deadline:
+            last = int(proc.stdout.readline())
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    store = Store(str(tmp_path))
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    samples = store.samples()
+    assert len(samples) >= last + 1  # every sample reported as committed is there
+    for index, (sha, _, vectors) in enumerate(samples):  # and each one is whole
+        assert int(sha, 16) == index and np.all(vectors == index)
