@@ -138,3 +138,13 @@ def method_not_supported(method: str) -> GatewayError:
         "The gateway cannot forward the request method %s." % method,
         "Use a standard HTTP method (GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS).",
     )
+
+
+def internal_error(status: int = 500, reason: str = "Internal Server Error") -> GatewayError:
+    """An error Tornado raised inside a gateway handler (a bug, or a malformed request)."""
+    return GatewayError(
+        status,
+        reason or "Internal Server Error",
+        "The gateway could not handle the request (%d %s)." % (status, reason),
+        "Retry; if it persists, read the gateway's log for the traceback and report it.",
+    )

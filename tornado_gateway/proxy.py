@@ -1,0 +1,602 @@
+"""The streaming proxy: ``/api/deepfake`` and everything below it, forwarded to the Flask child.
+
+Mount it with one line::
+
+    app = tornado.web.Application(proxy_routes(bridge, config) + other_routes)
+
+and call :func:`configure_http_client` once at startup (before the first request) so that
+large downloads are not cut at Tornado's default 100 MiB client limit.
+
+What the handler promises (the "Proxy contract" in ARCHITECTURE.md):
+
+* Any method, and the raw request target (path and query), are forwarded byte for byte;
+  targets that try to leave the prefix after percent-decoding are refused with a JSON 400,
+  anything naming Werkzeug's ``__debugger__`` with a JSON 404, neither reaching the child.
+* Bodies stream both ways with back-pressure: at most :data:`QUEUE_CHUNKS` request chunks
+  (Tornado delivers <= 64 KiB each) wait between client and child, and a response chunk is
+  written and flushed to the client before the next one is read from the child.
+* Hop-by-hop headers are dropped both ways, ``Expect`` is dropped, ``X-Forwarded-For/-Proto/
+  -Host`` are added; every other header (repeats included), the status and the reason phrase
+  are kept.
+* The bridge's state gates every request: ready -> proxied; starting/unhealthy -> a bounded
+  wait for readiness; anything else -> JSON 503 without touching the network.
+* Errors the gateway makes itself are JSON (``errors.py``): 400, 404, 413, 501, 502, 503, 504.
+  Once the response head has gone out, an upstream failure closes the client connection, so a
+  truncated body is never presented as complete.
+* A client that goes away aborts the upstream exchange: the child sees an incomplete request,
+  never a truncated body that looks complete.
+
+The handler only reads the bridge (``state``, ``is_flask_ready()``, ``flask_url``,
+``wait_until_ready()``) and tells it about refused connections
+(``report_upstream_failure()``); it never changes the bridge's state.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import urllib.parse
+from typing import Any, Awaitable, Callable, Iterable, List, Optional, Tuple
+
+import tornado.web
+from tornado import httputil
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.iostream import StreamClosedError
+from tornado.queues import Queue
+
+from . import errors
+from .config import GatewayConfig
+from .errors import GatewayError, write_error_response
+
+log = logging.getLogger("tornado_gateway.proxy")
+
+PREFIX = "/api/deepfake"
+
+#: Request chunks buffered per request between the client and the child (the back-pressure
+#: bound). Tornado hands the handler chunks of at most 64 KiB, so this is <= 1 MiB.
+QUEUE_CHUNKS = 16
+
+#: How far past ``max_body`` the server connection's own limit is set. Tornado's limit check
+#: closes the connection with a bare 400; ours answers a JSON 413. The slack lets a chunked
+#: body cross our limit (and get the JSON answer) before Tornado's check fires.
+BODY_LIMIT_SLACK = 1 << 20
+
+#: The client's ``max_body_size``: applies to streamed downloads too, so it is effectively
+#: "no limit" (1 PiB); the memory bound comes from streaming, not from this number.
+DOWNLOAD_LIMIT = 1 << 50
+
+#: Default upper bound of concurrent upstream requests (Tornado's default is 10).
+DEFAULT_MAX_CLIENTS = 128
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus the historical ones; never forwarded either way.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+    "proxy-connection", "proxy-authenticate", "proxy-authorization",
+})
+# A Connection header may name other headers as hop-by-hop; these never: dropping them would
+# break the framing of the forwarded message.
+_NEVER_CONNECTION_TOKENS = frozenset({"content-length", "host"})
+
+STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# Methods whose upstream request Tornado frames as chunked by itself when no Content-Length is
+# given; a chunked body under any other method is framed by the proxy.
+_SELF_CHUNKING_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_SUSPICIOUS_ENCODED = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
+
+
+# --- plain functions: what is forwarded, what is refused ---------------------------------------
+
+def check_target(path: str, query: str = "") -> Optional[GatewayError]:
+    """The error to answer for a request target the proxy must not forward, or None.
+
+    ``path`` is the raw (still percent-encoded) path, ``query`` the raw query. Refused:
+    anything mentioning ``__debugger__`` at any decoding depth (404: Werkzeug's interactive
+    debugger answers ``?__debugger__=yes`` on every URL, so it must never be reachable); a path
+    outside the prefix, with ``.``/``..`` segments, empty segments (``//``), backslashes,
+    encoded slashes or dots (also double-encoded), control or non-ASCII characters (400).
+    """
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    if "__debugger__" in _decode_fully(path + "?" + query).lower():
+        return errors.not_found(PREFIX + "/...__debugger__")
+    if any(ord(c) < 0x21 or ord(c) > 0x7E for c in path + query):
+        return errors.bad_request_path(shown, "control, space or non-ASCII characters")
+    if not (path == PREFIX or path.startswith(PREFIX + "/")):
+        return errors.bad_request_path(shown, "it is outside %s" % PREFIX)
+    if "\\" in path or "%5c" in path.lower():
+        return errors.bad_request_path(shown, "backslashes are not allowed")
+    if "%2f" in path.lower():
+        return errors.bad_request_path(shown, "encoded slashes are not allowed")
+    decoded = urllib.parse.unquote(path, encoding="latin-1")
+    if _SUSPICIOUS_ENCODED.search(decoded) or "\\" in decoded or "\x00" in decoded:
+        return errors.bad_request_path(shown, "double-encoded characters are not allowed")
+    segments = decoded.split("/")[1:]  # the path starts with "/"
+    if any(seg in (".", "..") for seg in segments):
+        return errors.bad_request_path(shown, "'.' and '..' segments are not allowed")
+    if any(seg == "" for seg in segments[:-1]):  # a trailing slash is fine, "//" is not
+        return errors.bad_request_path(shown, "empty path segments ('//') are not allowed")
+    return None
+
+
+def _decode_fully(text: str, rounds: int = 5) -> str:
+    """Percent- and plus-decode until stable (bounded), for deny-list checks only."""
+    for _ in range(rounds):
+        decoded = urllib.parse.unquote_plus(text, encoding="latin-1")
+        if decoded == text:
+            break
+        text = decoded
+    return text
+
+
+def connection_tokens(headers: httputil.HTTPHeaders) -> set[str]:
+    """Lower-case header names listed in the ``Connection`` header(s) (hop-by-hop by naming)."""
+    tokens: set[str] = set()
+    for value in headers.get_list("Connection"):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens - _NEVER_CONNECTION_TOKENS
+
+
+def is_hop_by_hop(name: str, named: Iterable[str] = ()) -> bool:
+    """True for a header a proxy must not forward (fixed list, ``Proxy-*``, or named)."""
+    lname = name.lower()
+    return lname in HOP_BY_HOP or lname.startswith("proxy-") or lname in named
+
+
+def upstream_request_headers(headers: httputil.HTTPHeaders, remote_ip: Optional[str],
+                             proto: str, host: str) -> httputil.HTTPHeaders:
+    """The headers to send upstream: the client's minus hop-by-hop and ``Expect``, in order,
+    repeats kept, with ``X-Forwarded-For`` appended to (or created) and
+    ``X-Forwarded-Proto``/``X-Forwarded-Host`` set."""
+    named = connection_tokens(headers)
+    out = httputil.HTTPHeaders()
+    forwarded_for: List[str] = []
+    for name, value in headers.get_all():
+        lname = name.lower()
+        if is_hop_by_hop(lname, named) or lname == "expect":
+            continue
+        if lname == "x-forwarded-for":
+            forwarded_for.append(value.strip())
+            continue
+        if lname in ("x-forwarded-proto", "x-forwarded-host"):
+            continue  # replaced below: this gateway is the edge that knows them
+        out.add(name, value)
+    if remote_ip:
+        forwarded_for.append(remote_ip)
+    if forwarded_for:
+        out["X-Forwarded-For"] = ", ".join(v for v in forwarded_for if v)
+    out["X-Forwarded-Proto"] = proto
+    if host:
+        out["X-Forwarded-Host"] = host
+    return out
+
+
+def client_response_headers(headers: httputil.HTTPHeaders) -> List[Tuple[str, str]]:
+    """The upstream response headers to pass to the client: all but hop-by-hop, repeats kept."""
+    named = connection_tokens(headers)
+    return [(n, v) for n, v in headers.get_all() if not is_hop_by_hop(n, named)]
+
+
+def declared_length(headers: httputil.HTTPHeaders) -> Optional[int]:
+    """The request's Content-Length as an int, or None when absent (Tornado already refused
+    malformed values)."""
+    value = headers.get("Content-Length")
+    if value is None:
+        return None
+    try:
+        return int(value.split(",")[0].strip())
+    except ValueError:
+        return None
+
+
+def has_request_body(headers: httputil.HTTPHeaders) -> bool:
+    """True when the request carries body bytes (Content-Length > 0, or chunked)."""
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        return True
+    length = declared_length(headers)
+    return bool(length and length > 0)
+
+
+def configure_http_client(config: GatewayConfig, impl: Any = None, **kwargs: Any) -> None:
+    """Configure the shared ``AsyncHTTPClient`` for proxying; call once, before the first request.
+
+    Keeps the currently configured implementation (e.g. the keep-alive pool selected with
+    ``AsyncHTTPClient.configure``) and its settings unless ``impl`` is given, and raises
+    ``max_body_size`` (which also caps streamed downloads) and ``max_clients``. Instances
+    already created for a running IOLoop keep their old settings (Tornado caches one per loop).
+    """
+    current_impl, current_kwargs = AsyncHTTPClient._save_configuration()
+    if impl is None:
+        impl = current_impl
+    merged = dict(current_kwargs or {})
+    merged["max_body_size"] = max(int(merged.get("max_body_size") or 0), DOWNLOAD_LIMIT,
+                                  config.max_body)
+    merged["max_clients"] = max(int(merged.get("max_clients") or 0), DEFAULT_MAX_CLIENTS)
+    merged.update(kwargs)
+    AsyncHTTPClient.configure(impl, **merged)
+
+
+def proxy_routes(bridge: Any, config: GatewayConfig) -> List[Any]:
+    """The route(s) serving ``/api/deepfake`` and everything below it, to add to an
+    Application: ``Application(proxy_routes(bridge, config) + ...)``."""
+    return [(r"%s(?:/.*)?" % re.escape(PREFIX), DeepfakeProxyHandler,
+             dict(bridge=bridge, config=config))]
+
+
+# --- internals -------------------------------------------------------------------------------
+
+class _AnyMethod(tuple):
+    """``SUPPORTED_METHODS`` that admits every method token (WebDAV, PURGE, ...)."""
+
+    def __contains__(self, method: object) -> bool:
+        return isinstance(method, str) and bool(_TOKEN.match(method))
+
+
+class ProxyAborted(Exception):
+    """Raised inside the upstream exchange to abort it on purpose (client gone, body too
+    large). Expected: never logged with a traceback."""
+
+
+class _QuietAbortFilter(logging.Filter):
+    """Drops Tornado's "Uncaught exception" records caused by a deliberate :class:`ProxyAborted`
+    raised from a client callback (simple_httpclient logs whatever a callback raises)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None:
+            if isinstance(exc, ProxyAborted):
+                return False
+            exc = exc.__cause__ or exc.__context__
+        return True
+
+
+_filter = _QuietAbortFilter()
+if not any(isinstance(f, _QuietAbortFilter) for f in logging.getLogger("tornado.application").filters):
+    logging.getLogger("tornado.application").addFilter(_filter)
+
+_END = object()  # request body complete
+_ABORT = object()  # request body will never complete: the producer must fail the upload
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    return (isinstance(exc, HTTPClientError) and exc.code == 599
+            and "timeout" in (exc.message or "").lower()) or isinstance(exc, TimeoutError)
+
+
+@tornado.web.stream_request_body
+class DeepfakeProxyHandler(tornado.web.RequestHandler):
+    """Streams one request to the Flask child and its response back (see the module doc)."""
+
+    SUPPORTED_METHODS = _AnyMethod(STANDARD_METHODS)  # type: ignore[assignment]
+
+    def initialize(self, bridge: Any, config: GatewayConfig) -> None:  # type: ignore[override]
+        self.bridge = bridge
+        self.config = config
+        self._t0 = time.monotonic()
+        self._queue: Queue = Queue(maxsize=QUEUE_CHUNKS)
+        self._task: Optional[asyncio.Future] = None
+        self._fetch: Optional[asyncio.Future] = None
+        self._has_body = False
+        self._self_framed = False
+        self._received = 0
+        self._sent_down = 0
+        self._discard = False  # further request chunks are dropped (exchange over or refused)
+        self._aborted = False  # we cancelled the exchange on purpose
+        self._client_gone = False
+        self._upstream_write: Optional[Callable[[bytes], Awaitable[None]]] = None
+        self._resp_start: Optional[httputil.ResponseStartLine] = None
+        self._resp_headers = httputil.HTTPHeaders()
+        self._head_applied = False
+        self._upstream_length_known = False
+
+    # Nonstandard methods: Tornado dispatches to getattr(self, method.lower()).
+    def __getattr__(self, name: str) -> Any:
+        request = self.__dict__.get("request")
+        if request is not None and name == (request.method or "").lower():
+            return self._respond
+        raise AttributeError(name)
+
+    def compute_etag(self) -> Optional[str]:
+        return None  # never turn a proxied 200 into our own 304
+
+    def check_xsrf_cookie(self) -> None:
+        return None  # the service behind the proxy owns its CSRF policy
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Tornado's own errors (an unexpected exception: 500) as JSON too."""
+        self._discard = True
+        write_error_response(self, errors.internal_error(status_code, self._reason))
+
+    # -- request phase ---------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        request = self.request
+        method = request.method or ""
+        error = check_target(request.path, request.query)
+        if error is None and method.lower() not in {m.lower() for m in STANDARD_METHODS} \
+                and hasattr(DeepfakeProxyHandler, method.lower()):
+            error = errors.method_not_supported(method)  # would dispatch to a handler method
+        if error is not None:
+            self._refuse(error)
+            return
+        length = declared_length(request.headers)
+        if length is not None and length > self.config.max_body:
+            # Answer before reading anything; Tornado closes the connection after the answer
+            # instead of reading the body (and must not refuse it with its own bare 400 first).
+            request.connection.set_max_body_size(length)
+            self._refuse(errors.payload_too_large(length, self.config.max_body), close=True)
+            return
+        request.connection.set_max_body_size(self.config.max_body + BODY_LIMIT_SLACK)
+        # Waiting here, before prepare() returns, means Tornado reads none of the body yet:
+        # the upload stays in the client's socket (nothing buffered) while the child starts.
+        if not await self._usable():
+            return
+        self._has_body = has_request_body(request.headers)
+        self._self_framed = (self._has_body and length is None
+                             and method not in _SELF_CHUNKING_METHODS)
+        self._task = asyncio.ensure_future(self._exchange())
+
+    async def _usable(self) -> bool:
+        """Gate on the bridge's state; answers 503 itself and returns False when not usable."""
+        if self.bridge.is_flask_ready():
+            return True
+        state = str(self.bridge.state)
+        if state in ("starting", "unhealthy"):
+            ready = await self.bridge.wait_until_ready(self.config.ready_wait / 1000.0)
+            if self._client_gone:
+                return False
+            if ready and self.bridge.is_flask_ready():
+                return True
+            state = str(self.bridge.state)
+        self._refuse(errors.service_unavailable(state))
+        return False
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self._discard or self._finished:
+            return
+        self._received += len(chunk)
+        if self._received > self.config.max_body:
+            self._abort_exchange("request body over the limit")
+            if not self._headers_written and not self._finished:
+                self._refuse(errors.payload_too_large(None, self.config.max_body), close=True)
+            else:
+                self.request.connection.close()
+            return
+        await self._queue.put(chunk)  # blocks while the child is slower: back-pressure
+
+    async def _respond(self, *args: Any, **kwargs: Any) -> None:
+        """Every method: the body is complete; let the producer finish, await the exchange."""
+        if self._task is None:
+            return
+        if self._has_body and not self._discard:
+            await self._queue.put(_END)
+        await self._task
+
+    get = head = post = put = patch = delete = options = _respond  # type: ignore[assignment]
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()
+        if self._finished:
+            return
+        self._client_gone = True
+        self._abort_exchange("client went away")
+
+    # -- the upstream exchange -------------------------------------------------------------
+
+    async def _produce(self, write: Callable[[bytes], Awaitable[None]]) -> None:
+        """body_producer: drains the queue into the upstream connection."""
+        self._upstream_write = write
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                if self._self_framed:
+                    await write(b"0\r\n\r\n")
+                return
+            if item is _ABORT:
+                # Raising makes the client close the upstream socket mid-body: the child sees
+                # an incomplete request, never a complete-looking truncated one.
+                raise ProxyAborted("upload aborted")
+            if self._self_framed:
+                item = b"%x\r\n%s\r\n" % (len(item), item)
+            await write(item)
+
+    def _on_header_line(self, line: str) -> None:
+        if self._aborted:
+            raise ProxyAborted("client went away")
+        text = line.rstrip("\r\n")
+        if text.startswith("HTTP/"):
+            self._resp_start = httputil.parse_response_start_line(text)
+            self._resp_headers = httputil.HTTPHeaders()
+        elif text == "":
+            if self._resp_start is not None and not 100 <= self._resp_start.code < 200:
+                self._apply_head(self._resp_start.code, self._resp_start.reason,
+                                 self._resp_headers)
+        else:
+            self._resp_headers.parse_line(line)
+
+    async def _on_chunk(self, chunk: bytes) -> None:
+        if self._aborted or self._finished:
+            raise ProxyAborted("client went away")
+        self.write(chunk)
+        self._sent_down += len(chunk)
+        try:
+            await self.flush()  # waits until the client took it: download back-pressure
+        except StreamClosedError:
+            self._client_gone = True
+            self._abort_exchange("client went away")
+            raise ProxyAborted("client went away") from None
+
+    def _apply_head(self, code: int, reason: Optional[str], headers: httputil.HTTPHeaders) -> None:
+        """Status, reason and headers from upstream replace Tornado's defaults."""
+        self.clear()
+        for name in ("Server", "Content-Type", "Date"):
+            self.clear_header(name)
+        self.set_status(code, reason if reason is not None else None)
+        for name, value in client_response_headers(headers):
+            try:
+                self.add_header(name, value)
+            except ValueError:  # a control character Tornado will not send
+                log.debug("dropped response header %s with an unsendable value", name)
+        self._upstream_length_known = "Content-Length" in headers
+        self._head_applied = True
+
+    async def _exchange(self) -> None:
+        request = self.request
+        headers = upstream_request_headers(request.headers, request.remote_ip,
+                                           request.protocol, request.host)
+        method = request.method or "GET"
+        if self._self_framed:
+            headers["Transfer-Encoding"] = "chunked"
+        elif not self._has_body and method in _SELF_CHUNKING_METHODS \
+                and "Content-Length" not in headers:
+            headers["Content-Length"] = "0"  # else Tornado would announce a chunked body
+        upstream = HTTPRequest(
+            self.bridge.flask_url + request.uri,
+            method=method,
+            headers=headers,
+            body_producer=self._produce if self._has_body else None,
+            header_callback=self._on_header_line,
+            streaming_callback=self._on_chunk,
+            decompress_response=False,
+            follow_redirects=False,
+            allow_nonstandard_methods=True,
+            request_timeout=self.config.proxy_timeout / 1000.0,
+            connect_timeout=self.config.connect_timeout / 1000.0,
+        )
+        response: Optional[HTTPResponse] = None
+        failure: Optional[BaseException] = None
+        try:
+            self._fetch = AsyncHTTPClient().fetch(upstream, raise_error=False)
+            response = await self._fetch
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            failure = ProxyAborted("cancelled")
+        except Exception as exc:  # connection errors and timeouts arrive as exceptions
+            failure = exc
+        finally:
+            self._stop_upload()
+        if response is not None and response.code == 599 and response.error is not None:
+            failure, response = response.error, None
+        try:
+            if response is not None:
+                self._finish_response(response)
+            else:
+                assert failure is not None
+                self._fail(failure)
+        finally:
+            self._log_request(response, failure)
+
+    def _finish_response(self, response: HTTPResponse) -> None:
+        if self._finished:
+            return
+        if not self._head_applied:  # a client implementation without header_callback
+            self._apply_head(response.code, response.reason, response.headers)
+        try:
+            if (not self._headers_written and not self._upstream_length_known
+                    and response.code not in (204, 304)):
+                # Send the head as is; otherwise finish() would invent a Content-Length
+                # (wrong for HEAD, and a framing change for an empty chunked body).
+                self.flush()
+            self.finish()
+        except Exception as exc:  # client gone, or the child's body did not match its length
+            log.debug("could not finish %s %s: %s", self.request.method, self.request.uri, exc)
+            self._close_client()
+
+    def _fail(self, failure: BaseException) -> None:
+        if self._finished:
+            return
+        if self._aborted or isinstance(failure, ProxyAborted) or isinstance(
+                failure.__cause__, ProxyAborted):
+            self._close_client()
+            return
+        if self._headers_written:
+            # The head (and maybe part of the body) is out: closing is the only honest signal.
+            log.debug("upstream failed mid-response for %s %s: %s", self.request.method,
+                      self.request.uri, failure)
+            self._close_client()
+            return
+        if _is_timeout(failure):
+            self._refuse(errors.gateway_timeout(self.config.proxy_timeout / 1000.0))
+            return
+        detail = _describe(failure)
+        try:
+            self.bridge.report_upstream_failure(detail)
+        except Exception:  # the bridge's problem must not turn a 502 into a 500
+            log.exception("report_upstream_failure failed")
+        self._refuse(errors.bad_gateway(detail))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _refuse(self, error: GatewayError, close: bool = False) -> None:
+        """Answer ``error`` (headers not sent yet); ``close`` ends the connection after it."""
+        if self._finished:
+            return
+        self._discard = True
+        try:
+            write_error_response(self, error)
+            if close:
+                # Tornado closes after this answer when the body was not read to its end.
+                pass
+        except Exception as exc:
+            log.debug("could not answer %d: %s", error.status, exc)
+            self._close_client()
+
+    def _stop_upload(self) -> None:
+        """The exchange is over: drop request chunks from now on and free the queue (which
+        also releases a data_received blocked on a full queue)."""
+        self._discard = True
+        while self._queue.qsize():
+            self._queue.get_nowait()
+
+    def _abort_exchange(self, reason: str) -> None:
+        """Make the upstream exchange fail now, whatever phase it is in."""
+        if self._aborted:
+            return
+        self._aborted = True
+        log.debug("aborting %s %s: %s", self.request.method, self.request.uri, reason)
+        self._stop_upload()
+        if self._task is None:
+            return
+        self._queue.put_nowait(_ABORT)  # uploading: the producer raises
+        if self._fetch is not None and not self._fetch.done():
+            self._fetch.cancel()  # the keep-alive pool closes the upstream socket at once
+        # simple_httpclient ignores cancel(): close its connection ourselves (best effort).
+        connection = getattr(self._upstream_write, "__self__", None)
+        stream = getattr(connection, "stream", None)
+        if stream is not None and hasattr(stream, "close"):
+            stream.close()
+
+    def _close_client(self) -> None:
+        self._discard = True
+        connection = self.request.connection
+        if connection is not None:
+            connection.close()
+        if not self._finished:
+            try:
+                self.finish()  # on a closed connection: only marks the handler finished
+            except Exception:
+                pass
+
+    def _log_request(self, response: Optional[HTTPResponse], failure: Optional[BaseException]) -> None:
+        if not self.config.is_development or not log.isEnabledFor(logging.DEBUG):
+            return
+        outcome = str(response.code) if response is not None else (
+            "aborted" if self._aborted else "failed (%s)" % _describe(failure))
+        log.debug("%s %s -> %s, %d bytes up, %d bytes down, %.1f ms", self.request.method,
+                  self.request.uri, outcome, self._received, self._sent_down,
+                  (time.monotonic() - self._t0) * 1000.0)
+
+
+def _describe(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset"
+    if isinstance(exc, HTTPClientError):
+        return exc.message or "HTTP %d" % exc.code
+    return str(exc) or type(exc).__name__
