@@ -92,6 +92,15 @@ class PythonBridge:
         # child, short enough that a frozen one turns unhealthy in seconds
         return min(5.0, max(1.0, 2 * self.config.health_interval / 1000.0))
 
+    async def __aenter__(self) -> "PythonBridge":
+        """``async with PythonBridge(config) as bridge:`` starts it (waiting for readiness, or
+        ``failed``) and stops the child's whole tree on the way out, even on an exception."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()
+
     # --- what readers see -------------------------------------------------------------------
 
     @property

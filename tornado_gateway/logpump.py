@@ -30,10 +30,11 @@ def format_line(line: LogLine) -> str:
 
 
 def log_sink(line: LogLine) -> None:
-    """Default sink: stdout at INFO, stderr at WARNING (so a production gateway, which logs
-    warnings and errors only, still shows the child's errors and tracebacks)."""
-    level = logging.INFO if line.stream == "stdout" else logging.WARNING
-    child_log.log(level, "%s", format_line(line))
+    """Default sink: every line at INFO on the ``tornado_gateway.python`` logger. The child
+    writes its ordinary logs to stderr too, so the stream says nothing about severity; what
+    the child prints is its own verbosity (debug server in development, quiet waitress in
+    production), and a crash is reported separately at ERROR with the last stderr lines."""
+    child_log.info("%s", format_line(line))
 
 
 class LineSplitter:

@@ -91,8 +91,8 @@ def configure_logging(mode: str, stream: Any = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if mode != PRODUCTION else logging.WARNING)
     logging.getLogger("tornado_gateway").setLevel(log_level_for(mode))
-    logging.getLogger("tornado_gateway.python").setLevel(
-        logging.INFO if mode != PRODUCTION else logging.WARNING)
+    # the child's own output is shown in both modes: its verbosity is the child's to choose
+    logging.getLogger("tornado_gateway.python").setLevel(logging.INFO)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
