@@ -1,0 +1,70 @@
+"""The README's embedding example, run as a user would: a real program, a real child."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_embed_example_serves_own_routes_and_the_proxy_then_stops_the_child():
+    port, flask_port = free_port(), free_port()
+    env = dict(os.environ, GATEWAY_PORT=str(port), FLASK_PORT=str(flask_port),
+               FLASK_SCRIPT=os.path.join(ROOT, "tests", "child_scripts", "echo_server.py"))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", "embed.py")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                status, body = get("http://127.0.0.1:%d/hello" % port)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode(errors="replace")
+                assert time.monotonic() < deadline, "the example never listened"
+                time.sleep(0.1)
+        assert (status, body) == (200, {"hello": "from my own app"})
+        status, body = get("http://127.0.0.1:%d/api/deepfake/stats" % port)
+        assert status == 200 and body["model_loaded"] is True
+        status, body = get("http://127.0.0.1:%d/api/gateway/status" % port)
+        child_pid = body["service"]["pid"]
+        assert body["service"]["state"] == "ready" and psutil.pid_exists(child_pid)
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        deadline = time.monotonic() + 5
+        while psutil.pid_exists(child_pid) and time.monotonic() < deadline:
+            try:
+                if psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        alive = psutil.pid_exists(child_pid) and \
+            psutil.Process(child_pid).status() != psutil.STATUS_ZOMBIE
+        assert not alive, "the child outlived the embedding program"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
