@@ -146,9 +146,13 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         self.waiting: dict[
             object, tuple[HTTPRequest, Callable[[HTTPResponse], None], object, float]
         ] = {}
-        # Idle streams per pool key; the right end is the most recently used (LIFO
-        # reuse keeps few connections hot and lets the others time out).
-        self._idle: dict[_PoolKey, collections.deque[tuple[IOStream, object]]] = {}
+        # Idle (stream, IOLoop time it became idle) per pool key. The right end is the
+        # most recently used: LIFO reuse keeps few connections hot and lets the others
+        # time out, and the left end is always the first to expire.
+        self._idle: dict[_PoolKey, collections.deque[tuple[IOStream, float]]] = {}
+        # One timer for the whole pool (not one per idle stream, which would be two
+        # timer operations per request): it fires when the oldest idle stream expires.
+        self._sweeper: object = None
         self._pool_closed = False
         self._last_key: object = None
         # Counters for tests and diagnostics.
@@ -200,11 +204,13 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         self._pool_closed = True
         for dq in self._idle.values():
             while dq:
-                stream, handle = dq.pop()
-                self.io_loop.remove_timeout(handle)
+                stream, _since = dq.pop()
                 stream.set_close_callback(None)
                 stream.close()
         self._idle.clear()
+        if self._sweeper is not None:
+            self.io_loop.remove_timeout(self._sweeper)
+            self._sweeper = None
         if self.own_resolver:
             self.resolver.close()
         self.tcp_client.close()
@@ -310,10 +316,12 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         """An idle, apparently live stream for ``key``, or None."""
         dq = self._idle.get(key)
         while dq:
-            stream, handle = dq.pop()
-            self.io_loop.remove_timeout(handle)
+            stream, since = dq.pop()
             stream.set_close_callback(None)
-            if self._stream_alive(stream):
+            if (
+                self.io_loop.time() - since < self.idle_timeout
+                and self._stream_alive(stream)
+            ):
                 self.stats["reused"] += 1
                 return stream
             self.stats["dead_on_checkout"] += 1
@@ -350,14 +358,13 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
             return
         dq = self._idle.setdefault(key, collections.deque())
         while len(dq) >= self.max_idle_per_host:
-            old, handle = dq.popleft()
-            self.io_loop.remove_timeout(handle)
+            old, _since = dq.popleft()
             old.set_close_callback(None)
             old.close()
-        handle = self.io_loop.call_later(
-            self.idle_timeout, functools.partial(self._on_idle_timeout, key, stream)
-        )
-        dq.append((stream, handle))
+        now = self.io_loop.time()
+        dq.append((stream, now))
+        if self._sweeper is None:
+            self._sweeper = self.io_loop.call_at(now + self.idle_timeout, self._sweep)
         # With a close callback the stream watches the socket while idle, so a server
         # closing it is noticed and the stream leaves the pool.
         stream.set_close_callback(functools.partial(self._discard_idle, key, stream))
@@ -370,16 +377,31 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         for item in dq:
             if item[0] is stream:
                 dq.remove(item)
-                self.io_loop.remove_timeout(item[1])
                 break
         if not dq:
             self._idle.pop(key, None)
         stream.set_close_callback(None)
         stream.close()
 
-    def _on_idle_timeout(self, key: _PoolKey, stream: IOStream) -> None:
-        self.stats["idle_timeout"] += 1
-        self._discard_idle(key, stream)
+    def _sweep(self) -> None:
+        """Close streams idle for ``idle_timeout``; re-arm for the next to expire."""
+        self._sweeper = None
+        now = self.io_loop.time()
+        next_due: float | None = None
+        for key in list(self._idle):
+            dq = self._idle[key]
+            while dq and now - dq[0][1] >= self.idle_timeout:
+                stream, _since = dq.popleft()
+                stream.set_close_callback(None)
+                stream.close()
+                self.stats["idle_timeout"] += 1
+            if dq:
+                due = dq[0][1] + self.idle_timeout
+                next_due = due if next_due is None else min(next_due, due)
+            else:
+                del self._idle[key]
+        if next_due is not None:
+            self._sweeper = self.io_loop.call_at(next_due, self._sweep)
 
 
 class _PooledConnection(httputil.HTTPMessageDelegate):
@@ -400,6 +422,17 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         # request_timeout, as AsyncHTTPClient documents.
         self.start_time = start_time
         self.start_wall_time = time.time()
+        # Resolved once: every attribute read on the _RequestProxy costs a lookup on
+        # the request and then on the defaults, and the hot path reads these often.
+        self._method: str = request.method
+        self._url: str = request.url
+        self._req_headers: httputil.HTTPHeaders = request.headers
+        self._body: bytes | None = request.body
+        self._body_producer = request.body_producer
+        self._streaming_callback = request.streaming_callback
+        self._header_callback = request.header_callback
+        self._expect_100 = bool(request.expect_100_continue)
+        self._decompress = bool(request.decompress_response)
         self.release_callback: Callable[[], None] | None = release_callback
         self.final_callback: Callable[[HTTPResponse], None] | None = final_callback
         self.stream: IOStream | None = None
@@ -422,9 +455,10 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        if self.request.request_timeout:
+        request_timeout = self.request.request_timeout
+        if request_timeout:
             self._timeout = self.io_loop.add_timeout(
-                self.start_time + self.request.request_timeout,
+                self.start_time + request_timeout,
                 functools.partial(self._on_timeout, "during request"),
             )
         self.io_loop.add_future(gen.convert_yielded(self.run()), lambda f: f.result())
@@ -496,9 +530,9 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
 
     async def _run(self) -> None:
         request = self.request
-        parsed = urllib.parse.urlsplit(_unicode(request.url))
+        parsed = urllib.parse.urlsplit(_unicode(self._url))
         if parsed.scheme not in ("http", "https"):
-            raise ValueError("Unsupported url scheme: %s" % request.url)
+            raise ValueError("Unsupported url scheme: %s" % self._url)
         netloc = parsed.netloc
         if "@" in netloc:
             _userpass, _, netloc = netloc.rpartition("@")
@@ -510,7 +544,19 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         self.parsed = parsed
         self.parsed_hostname = host
         af = socket.AF_INET if request.allow_ipv6 is False else socket.AF_UNSPEC
-        ssl_options = _HTTPConnection._get_ssl_options(self, parsed.scheme)  # type: ignore[arg-type]
+        ssl_options = None
+        tls_key = None
+        if parsed.scheme == "https":
+            # Reuse the simple client's TLS defaults (shared default context, or one
+            # built from validate_cert / ca_certs / client_cert).
+            ssl_options = _HTTPConnection._get_ssl_options(self, "https")  # type: ignore[arg-type]
+            tls_key = (
+                request.validate_cert,
+                request.ca_certs,
+                request.client_cert,
+                request.client_key,
+                id(request.ssl_options) if request.ssl_options is not None else None,
+            )
         source_ip = None
         if request.network_interface:
             if is_valid_ip(request.network_interface):
@@ -520,23 +566,14 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
                     "Unrecognized IPv4 or IPv6 address for network_interface, got %r"
                     % (request.network_interface,)
                 )
-        tls_key = None
-        if parsed.scheme == "https":
-            tls_key = (
-                request.validate_cert,
-                request.ca_certs,
-                request.client_cert,
-                request.client_key,
-                id(request.ssl_options) if request.ssl_options is not None else None,
-            )
         pool_key = (parsed.scheme, host, port, af, source_ip, tls_key)
         self._prepare_headers(parsed)
         req_path = (parsed.path or "/") + (("?" + parsed.query) if parsed.query else "")
-        start_line = httputil.RequestStartLine(request.method, req_path, "")
+        start_line = httputil.RequestStartLine(self._method, req_path, "")
         may_retry = (
-            request.method in IDEMPOTENT_METHODS
-            and request.body_producer is None
-            and not request.expect_100_continue
+            self._method in IDEMPOTENT_METHODS
+            and self._body_producer is None
+            and not self._expect_100
         )
 
         for attempt in (0, 1):
@@ -567,7 +604,7 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
                     # response arrived and the request is idempotent and replayable.
                     self.client.stats["retried"] += 1
                     gen_log.debug("retrying %s %s on a new connection (%r)",
-                                  request.method, request.url, e)
+                                  self._method, self._url, e)
                     continue
                 raise
             if self._done:
@@ -610,11 +647,9 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
     def _prepare_headers(self, parsed: urllib.parse.SplitResult) -> None:
         """Fill in request headers as the simple client does, minus ``Connection``."""
         request = self.request
-        if (
-            request.method not in _SUPPORTED_METHODS
-            and not request.allow_nonstandard_methods
-        ):
-            raise KeyError("unknown method %s" % request.method)
+        method = self._method
+        if method not in _SUPPORTED_METHODS and not request.allow_nonstandard_methods:
+            raise KeyError("unknown method %s" % method)
         for key in (
             "proxy_host",
             "proxy_port",
@@ -624,7 +659,7 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         ):
             if getattr(request, key, None):
                 raise NotImplementedError("%s not supported" % key)
-        headers = request.headers
+        headers = self._req_headers
         if "Host" not in headers:
             headers["Host"] = parsed.netloc.rpartition("@")[-1]
         username = password = None
@@ -645,22 +680,22 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         elif headers.get("User-Agent") is None:
             headers["User-Agent"] = f"Tornado/{version}"
         if not request.allow_nonstandard_methods:
-            body_expected = request.method in ("POST", "PATCH", "PUT")
-            body_present = request.body is not None or request.body_producer is not None
+            body_expected = method in ("POST", "PATCH", "PUT")
+            body_present = self._body is not None or self._body_producer is not None
             if body_expected != body_present:
                 raise ValueError(
                     "Body must %sbe None for method %s (unless "
                     "allow_nonstandard_methods is true)"
-                    % ("not " if body_expected else "", request.method)
+                    % ("not " if body_expected else "", method)
                 )
-        if request.expect_100_continue:
+        if self._expect_100:
             headers["Expect"] = "100-continue"
-        if request.body is not None:
+        if self._body is not None:
             # With a body_producer the caller sets Content-Length (else chunked).
-            headers["Content-Length"] = str(len(request.body))
-        if request.method == "POST" and "Content-Type" not in headers:
+            headers["Content-Length"] = str(len(self._body))
+        if method == "POST" and "Content-Type" not in headers:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-        if request.decompress_response:
+        if self._decompress:
             headers["Accept-Encoding"] = "gzip"
 
     async def _exchange(
@@ -676,12 +711,12 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
                 no_keep_alive=False,
                 max_header_size=self.client.max_header_size,
                 max_body_size=self.client.max_body_size,
-                decompress=bool(self.request.decompress_response),
+                decompress=self._decompress,
             ),
             None,
         )
-        self.connection.write_headers(start_line, self.request.headers)
-        if self.request.expect_100_continue:
+        self.connection.write_headers(start_line, self._req_headers)
+        if self._expect_100:
             await self.connection.read_response(self)
         else:
             await self._write_body()
@@ -689,10 +724,10 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
 
     async def _write_body(self) -> None:
         assert self.connection is not None
-        if self.request.body is not None:
-            self.connection.write(self.request.body)
-        elif self.request.body_producer is not None:
-            fut = self.request.body_producer(self.connection.write)
+        if self._body is not None:
+            self.connection.write(self._body)
+        elif self._body_producer is not None:
+            fut = self._body_producer(self.connection.write)
             if fut is not None:
                 await fut
         if self._done:
@@ -707,7 +742,7 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
             stream, "_read_buffer_size", 0
         ):
             return False
-        if "close" in _header_tokens(self.request.headers.get("Connection")):
+        if "close" in _header_tokens(self._req_headers.get("Connection")):
             return False
         tokens = _header_tokens(self.headers.get("Connection"))
         if self.version == "HTTP/1.1":
@@ -720,7 +755,7 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
             return False
         # The end of the body must have been found by framing, not by EOF.
         return (
-            self.request.method == "HEAD"
+            self._method == "HEAD"
             or self.code in (204, 304)
             or "Content-Length" in self.headers
             or "chunked" in _header_tokens(self.headers.get("Transfer-Encoding"))
@@ -729,14 +764,14 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
     def _deliver(self, stream: IOStream, pool_key: _PoolKey) -> None:
         assert self.code is not None
         response = HTTPResponse(
-            getattr(self.request, "original_request", self.request),
+            self.request,
             self.code,
             reason=self.reason,
             headers=self.headers,
             request_time=self.io_loop.time() - self.start_time,
             start_time=self.start_wall_time,
-            buffer=BytesIO() if self.request.streaming_callback else BytesIO(self.chunks),
-            effective_url=self.request.url,
+            buffer=BytesIO() if self._streaming_callback else BytesIO(self.chunks),
+            effective_url=self._url,
         )
         self.chunks = bytearray()
         self.stream = None
@@ -759,19 +794,20 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         self._response_started = True
         if self._done:
             return
-        if self.request.expect_100_continue and first_line.code == 100:
+        if self._expect_100 and first_line.code == 100:
             await self._write_body()
             return
         self.code = first_line.code
         self.reason = first_line.reason
         self.version = first_line.version
         self.headers = headers
-        if self.request.header_callback is not None:
+        header_callback = self._header_callback
+        if header_callback is not None:
             try:
-                self.request.header_callback("%s %s %s\r\n" % first_line)
+                header_callback("%s %s %s\r\n" % first_line)
                 for k, v in headers.get_all():
-                    self.request.header_callback(f"{k}: {v}\r\n")
-                self.request.header_callback("\r\n")
+                    header_callback(f"{k}: {v}\r\n")
+                header_callback("\r\n")
             except Exception as e:
                 self._callback_failed("header_callback", e)
 
@@ -779,11 +815,12 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         if self._done:
             return None
         self._received += len(chunk)
-        if self.request.streaming_callback is None:
+        streaming_callback = self._streaming_callback
+        if streaming_callback is None:
             self.chunks += chunk
             return None
         try:
-            ret = self.request.streaming_callback(chunk)
+            ret = streaming_callback(chunk)
         except Exception as e:
             self._callback_failed("streaming_callback", e)
             return None
