@@ -137,6 +137,11 @@
       accuracy: "Accuracy", auc: "ROC AUC", roc_auc: "ROC AUC", f1: "F1 score",
       precision: "Precision", recall: "Recall", log_loss: "Log loss", brier: "Brier score",
       n_train: "Training images", n_test: "Test images", n_val: "Validation images",
+      n_images: "Images evaluated", n_crops: "Regions evaluated", n_groups: "Photo groups",
+      real_recall: "Real photos recognised", fake_recall: "Generated images caught",
+      baseline_accuracy: "Accuracy on the baseline images",
+      feedback_accuracy: "Accuracy on feedback images",
+      accuracy_by_kind: "Accuracy by kind of image", validation: "How it was measured",
       n_samples: "Samples", samples: "Samples", balanced_accuracy: "Balanced accuracy",
       tpr: "True positive rate", fpr: "False positive rate", threshold: "Threshold"
     };
@@ -145,8 +150,15 @@
     return s.charAt(0).toUpperCase() + s.slice(1);
   }
 
-  function metricValue(v) {
-    if (isNum(v)) return Number.isInteger(v) ? num(v) : v.toFixed(3);
+  function metricValue(v, key) {
+    if (isNum(v)) {
+      if (Number.isInteger(v) && !/accuracy|recall|precision/.test(key || "")) return num(v);
+      if (/accuracy|recall|precision/.test(key || "") && v >= 0 && v <= 1) return (v * 100).toFixed(1) + "%";
+      return v.toFixed(3);
+    }
+    if (v && typeof v === "object" && !Array.isArray(v)) {
+      return Object.keys(v).map(function (k) { return k + ": " + metricValue(v[k], key); }).join(" · ");
+    }
     return show(v);
   }
 
@@ -239,7 +251,7 @@
     } else if (state === "unhealthy") {
       steps.push("Wait a little: the service may be busy (for example retraining) and recover by itself.");
     } else if (state === "exited" || state === "failed") {
-      steps.push("Wait a few seconds: the gateway restarts the service by itself when it can.");
+      steps.push("If the gateway was started with --auto-restart, wait a few seconds: it restarts the service and this page updates by itself.");
     }
     if (get(svc, "external")) {
       steps.push("The service runs separately from the gateway" +
@@ -269,7 +281,7 @@
       panel.hidden = false;
       return;
     }
-    var st = STATE_TEXT[state] || ["Service unavailable", "The detection service is in state \"" + show(state) + "\"."];
+    var st = STATE_TEXT[state] || ["Service unavailable", "The detection service is in state “" + show(state) + "”."];
     var lastExit = get(svc, "last_exit");
     var whatText = st[1];
     if (state === "starting" && lastExit && typeof lastExit === "object") {
@@ -293,7 +305,13 @@
       facts.push(["Last health check", (hc.ok ? "ok" : "failed") + (hc.detail ? " — " + show(hc.detail) : "") +
                   (hc.at ? " (" + when(hc.at) + ")" : "")]);
     }
+    var lastError = get(svc, "last_error");
+    if (lastError && typeof lastError === "object") {
+      facts.push(["Last error", [lastError.message, lastError.suggestion].filter(function (x) {
+        return typeof x === "string" && x; }).join(" ") || show(lastError)]);
+    }
     if (get(svc, "url")) facts.push(["Service URL", show(get(svc, "url"))]);
+    if (get(svc, "pid") !== undefined) facts.push(["Service process ID", show(get(svc, "pid"))]);
     fillFacts($("unavailable-facts"), facts);
     var tail = lastExit && Array.isArray(lastExit.stderr_tail) ? lastExit.stderr_tail : [];
     var pre = $("unavailable-stderr");
@@ -403,6 +421,14 @@
       renderError($("result-error"), {
         message: "“" + file.name + "” does not look like an image (" + file.type + ").",
         suggestion: "Choose a PNG, JPEG, WebP, BMP, TIFF or GIF file."
+      });
+      return;
+    }
+    if (maxUpload && isNum(file.size) && file.size > maxUpload) {
+      $("result-empty").hidden = true;
+      renderError($("result-error"), {
+        message: "“" + file.name + "” is " + bytes(file.size) + "; the service accepts at most " + bytes(maxUpload) + ".",
+        suggestion: "Use a smaller file, for example save it as JPEG."
       });
       return;
     }
@@ -705,6 +731,7 @@
   // ---------------------------------------------------------------- stats + retrain
 
   var statsSeq = 0;
+  var maxUpload = null;
 
   function updateCounts(per, total) {
     per = per && typeof per === "object" ? per : {};
@@ -723,13 +750,14 @@
     }
     Object.keys(metrics).forEach(function (k) {
       var v = metrics[k];
-      if (v && typeof v === "object") return;  // nested detail (e.g. confusion matrix): skip
+      if (Array.isArray(v)) return;  // e.g. a confusion matrix: not for this panel
       dl.appendChild(el("dt", { text: humanize(k) }));
-      var text = metricValue(v);
-      if (previous && typeof previous === "object" && previous[k] !== undefined && typeof previous[k] !== "object") {
-        text += " (was " + metricValue(previous[k]) + ")";
+      var text = metricValue(v, k);
+      if (previous && typeof previous === "object" && previous[k] !== undefined &&
+          (typeof previous[k] !== "object" || previous[k] === null) && (typeof v !== "object" || v === null)) {
+        text += " (was " + metricValue(previous[k], k) + ")";
       }
-      dl.appendChild(el("dd", { text: text }));
+      dl.appendChild(el("dd", { text: text, "data-metric": k }));
     });
   }
 
@@ -741,8 +769,20 @@
       ["Version", show(model.version), "model-version"],
       ["Loaded", d.model_loaded === undefined ? DASH : (d.model_loaded ? "yes" : "no — analyses will fail until a model is trained")],
       ["Feature recipe", show(model.feature_version)],
-      ["Trained", when(model.trained_at)]
+      ["Trained", when(model.trained_at)],
+      ["Source", model.source === "baseline" ? "built-in baseline" : show(model.source)]
     ]);
+    var minPer = get(d, "retrain.min_feedback_per_label");
+    $("retrain-help-min").textContent = isNum(minPer)
+      ? " It needs at least " + minPer + " labelled images of each kind (real and fake)." : "";
+    var limits = d.limits && typeof d.limits === "object" ? d.limits : null;
+    if (limits) {
+      maxUpload = isNum(limits.max_upload_bytes) ? limits.max_upload_bytes : null;
+      var formats = Array.isArray(limits.formats) && limits.formats.length
+        ? limits.formats.map(String).join(", ") : "PNG, JPEG, WebP, BMP, TIFF or GIF";
+      $("file-help").textContent = formats + (maxUpload ? ", up to " + bytes(maxUpload) : "") +
+        ". The image is sent only to this gateway, on this machine or your network.";
+    }
     renderMetrics($("model-metrics"), model.metrics);
     var caps = typeof d.capabilities === "string" && d.capabilities ? d.capabilities : DEFAULT_CAPABILITIES;
     $("capabilities").textContent = caps;
