@@ -122,6 +122,16 @@
 
   function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
 
+  /** A list item from text where `backticked` parts are shown as code. */
+  function richItem(text) {
+    var li = document.createElement("li");
+    String(text).split("`").forEach(function (part, i) {
+      if (!part) return;
+      li.appendChild(i % 2 ? el("code", { text: part }) : document.createTextNode(part));
+    });
+    return li;
+  }
+
   function fillFacts(dl, rows) {
     clear(dl);
     rows.forEach(function (r) {
@@ -160,6 +170,32 @@
       return Object.keys(v).map(function (k) { return k + ": " + metricValue(v[k], key); }).join(" · ");
     }
     return show(v);
+  }
+
+  function metricNode(v, key) {
+    if (v && typeof v === "object" && !Array.isArray(v)) {
+      var ul = el("ul", { className: "sub-metrics" });
+      Object.keys(v).forEach(function (k) {
+        ul.appendChild(el("li", null, [k.replace(/\//g, " / ").replace(/_/g, " ") + ": ",
+                                       el("strong", { text: metricValue(v[k], key) })]));
+      });
+      var det = el("details", null, [el("summary", { text: Object.keys(v).length + " values" }), ul]);
+      return det;
+    }
+    return null;
+  }
+
+  function metricsInWords(m) {
+    if (!m || typeof m !== "object") return "";
+    var acc = isNum(m.balanced_accuracy) ? m.balanced_accuracy : m.accuracy;
+    if (!isNum(acc) || acc < 0 || acc > 1) return "";
+    var s = "In plain words: on test images it had not seen, it was right about " +
+      Math.round(acc * 100) + " times out of 100.";
+    if (isNum(m.fake_recall) && isNum(m.real_recall)) {
+      s += " It caught " + Math.round(m.fake_recall * 100) + "% of the enlarged (generator-like) images and recognised " +
+        Math.round(m.real_recall * 100) + "% of the real photos.";
+    }
+    return s;
   }
 
   /** Parse an API answer: {ok, status, data, retryAfter}. Never throws. */
@@ -251,15 +287,15 @@
     } else if (state === "unhealthy") {
       steps.push("Wait a little: the service may be busy (for example retraining) and recover by itself.");
     } else if (state === "exited" || state === "failed") {
-      steps.push("If the gateway was started with --auto-restart, wait a few seconds: it restarts the service and this page updates by itself.");
+      steps.push("If the gateway was started with `--auto-restart N`, wait a few seconds: it restarts the service and this page updates by itself.");
     }
     if (get(svc, "external")) {
       steps.push("The service runs separately from the gateway" +
                  (get(svc, "url") ? " (at " + get(svc, "url") + ")" : "") +
-                 ": start it again, e.g. python python/api_server.py --port <port>.");
+                 ": start it again, e.g. `python python/api_server.py --port <port>`.");
     }
     steps.push("Look at the terminal where the gateway runs: the service's own error lines are printed there (and under Technical details below).");
-    steps.push("If it does not come back, stop the gateway with Ctrl+C and start it again: python -m tornado_gateway");
+    steps.push("If it does not come back, stop the gateway with `Ctrl+C` and start it again: `python -m tornado_gateway`");
     return steps;
   }
 
@@ -275,8 +311,8 @@
       msg.textContent = "The gateway process may have stopped, or the network connection is down.";
       msg.hidden = false;
       ["Check that the gateway is still running in its terminal.",
-       "Start it again with: python -m tornado_gateway",
-       "Then reload this page."].forEach(function (s) { fix.appendChild(el("li", { text: s })); });
+       "Start it again with: `python -m tornado_gateway`",
+       "This page reconnects by itself once the gateway answers."].forEach(function (s) { fix.appendChild(richItem(s)); });
       details.hidden = true;
       panel.hidden = false;
       return;
@@ -291,7 +327,7 @@
     var message = get(svc, "message");
     msg.textContent = typeof message === "string" ? message : "";
     msg.hidden = !msg.textContent;
-    fixSteps(svc, state).forEach(function (s) { fix.appendChild(el("li", { text: s })); });
+    fixSteps(svc, state).forEach(function (s) { fix.appendChild(richItem(s)); });
 
     var facts = [["State", show(state)], ["Restarts so far", show(get(svc, "restarts"))]];
     if (lastExit && typeof lastExit === "object") {
@@ -355,6 +391,7 @@
 
   function setReady(ready) {
     serviceReady = ready;
+    $("stats-stale").hidden = ready;
     document.body.setAttribute("data-service-ready", ready ? "true" : "false");
   }
 
@@ -578,6 +615,7 @@
   // ---------------------------------------------------------------- spectrum chart (SVG)
 
   var SVGNS = "http://www.w3.org/2000/svg";
+  var lastSpectrum = null;
   function svg(tag, attrs, text) {
     var n = document.createElementNS(SVGNS, tag);
     Object.keys(attrs || {}).forEach(function (k) { n.setAttribute(k, attrs[k]); });
@@ -602,7 +640,10 @@
     if (pts.length < 2) { panel.hidden = true; return; }
     panel.hidden = false;
 
-    var W = 560, H = 240, L = 48, R = 12, T = 12, B = 46;
+    lastSpectrum = spec;
+    // draw at the container's own width so text stays readable on a phone
+    var W = Math.round(Math.max(280, Math.min(640, chart.clientWidth || 560)));
+    var H = Math.round(Math.max(200, Math.min(260, W * 0.45))), L = 48, R = 12, T = 12, B = 46;
     var minY = Infinity, maxY = -Infinity, minX = Infinity, maxX = -Infinity;
     pts.forEach(function (p) {
       minY = Math.min(minY, p[1]); maxY = Math.max(maxY, p[1]);
@@ -635,7 +676,7 @@
       var yv = minY + (maxY - minY) * t / 4;
       var yy = sy(yv);
       root.appendChild(svg("line", { x1: L, x2: W - R, y1: yy, y2: yy, "class": "grid" }));
-      root.appendChild(svg("text", { x: L - 6, y: yy + 4, "text-anchor": "end", "class": "tick" }, yv.toFixed(1)));
+      root.appendChild(svg("text", { x: L - 6, y: yy + 4, "text-anchor": "end", "class": "tick" }, (Math.abs(yv) < 0.05 ? 0 : yv).toFixed(1)));
     }
     // x ticks
     [0, 0.25, 0.5, 0.75, 1].forEach(function (xv) {
@@ -647,7 +688,7 @@
     root.appendChild(svg("line", { x1: L, x2: L, y1: T, y2: H - B, "class": "axis" }));
     root.appendChild(svg("text", { x: L, y: H - 6, "text-anchor": "start", "class": "axis-label" }, "← coarse shapes"));
     root.appendChild(svg("text", { x: W - R, y: H - 6, "text-anchor": "end", "class": "axis-label" }, "finest detail →"));
-    root.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", "class": "axis-label" }, "frequency"));
+    if (W >= 420) root.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", "class": "axis-label" }, "frequency"));
     root.appendChild(svg("text", {
       x: 12, y: (T + H - B) / 2, "text-anchor": "middle", "class": "axis-label",
       transform: "rotate(-90 12 " + ((T + H - B) / 2) + ")"
@@ -712,7 +753,7 @@
           : "Thank you — saved as “" + savedAs + "”.";
         var total = d.training_samples;
         var per = d.samples_per_label || {};
-        var counts = " The training set now has " + num(total) + " samples (" +
+        var counts = " The training set now has " + num(total) + (total === 1 ? " sample (" : " samples (") +
           num(per.real) + " real, " + num(per.fake) + " fake).";
         out.appendChild(el("p", { className: "ok-box", "data-testid": "feedback-ok", text: text + counts }));
         if (d.sample_id !== undefined) out.appendChild(el("p", { className: "muted small-text", text: "Sample ID: " + show(d.sample_id) }));
@@ -752,6 +793,11 @@
       var v = metrics[k];
       if (Array.isArray(v)) return;  // e.g. a confusion matrix: not for this panel
       dl.appendChild(el("dt", { text: humanize(k) }));
+      var sub = metricNode(v, k);
+      if (sub) {
+        dl.appendChild(el("dd", { "data-metric": k }, [sub]));
+        return;
+      }
       var text = metricValue(v, k);
       if (previous && typeof previous === "object" && previous[k] !== undefined &&
           (typeof previous[k] !== "object" || previous[k] === null) && (typeof v !== "object" || v === null)) {
@@ -784,8 +830,11 @@
         ". The image is sent only to this gateway, on this machine or your network.";
     }
     renderMetrics($("model-metrics"), model.metrics);
+    $("metrics-words").textContent = metricsInWords(model.metrics);
+    $("metrics-words").hidden = !$("metrics-words").textContent;
     var caps = typeof d.capabilities === "string" && d.capabilities ? d.capabilities : DEFAULT_CAPABILITIES;
     $("capabilities").textContent = caps;
+    $("result-capabilities").textContent = caps;
     var running = get(d, "retrain.running") === true;
     if (running && !retraining) {
       $("retrain").disabled = true;
@@ -915,6 +964,17 @@
     $("stats-refresh").addEventListener("click", loadStats);
     $("retrain").addEventListener("click", retrain);
     $("capabilities").textContent = DEFAULT_CAPABILITIES;
+    $("result-capabilities").textContent = DEFAULT_CAPABILITIES;
+    var resizeTimer = null;
+    var lastWidth = window.innerWidth;
+    window.addEventListener("resize", function () {
+      if (window.innerWidth === lastWidth) return;
+      lastWidth = window.innerWidth;
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(function () {
+        if (lastSpectrum && !$("spectrum-panel").hidden) renderSpectrum(lastSpectrum);
+      }, 150);
+    });
 
     pollStatus();
     loadStats();
