@@ -1,0 +1,163 @@
+"""config.load_config: defaults, environment, CLI overrides, and warnings for invalid values."""
+import pytest
+
+from tornado_gateway.config import (DEVELOPMENT, PRODUCTION, SETTINGS, FlaskConfig,
+                                    GatewayConfig, default_python, load_config)
+
+
+def load(env=None, overrides=None):
+    warnings = []
+    cfg = load_config(env or {}, overrides, warn=warnings.append)
+    return cfg, warnings
+
+
+def test_defaults_with_empty_environment():
+    cfg, warnings = load({})
+    assert warnings == []
+    assert cfg == GatewayConfig()
+    f = cfg.flask
+    assert (f.script, f.host, f.port) == ("python/api_server.py", "127.0.0.1", 5001)
+    assert (f.health_timeout, f.health_interval, f.health_retries) == (10000, 500, 10)
+    assert f.shutdown_timeout == 5000 and f.unhealthy_after == 3 and f.auto_restart == 0
+    assert f.python is None and f.url is None
+    assert (cfg.host, cfg.port, cfg.max_body) == ("127.0.0.1", 8080, 1024 ** 3)
+    assert cfg.mode == DEVELOPMENT and cfg.is_development and f.is_development
+    assert f.base_url == "http://127.0.0.1:5001"
+
+
+def test_valid_environment_values_are_used():
+    cfg, warnings = load({
+        "FLASK_PORT": " 6001 ", "FLASK_HOST": "localhost", "FLASK_HEALTH_TIMEOUT": "2000",
+        "FLASK_HEALTH_INTERVAL": "100", "FLASK_HEALTH_RETRIES": "3", "FLASK_SHUTDOWN_TIMEOUT": "7",
+        "FLASK_UNHEALTHY_AFTER": "2", "FLASK_SCRIPT": "srv/app.py", "FLASK_PYTHON": "/opt/py",
+        "FLASK_AUTO_RESTART": "0", "GATEWAY_HOST": "0.0.0.0", "GATEWAY_PORT": "0",
+        "GATEWAY_MAX_BODY": "4G", "GATEWAY_PROXY_TIMEOUT": "1", "GATEWAY_CONNECT_TIMEOUT": "9",
+        "GATEWAY_READY_WAIT": "0"})
+    assert warnings == []
+    f = cfg.flask
+    assert (f.port, f.host, f.health_timeout, f.health_interval, f.health_retries) == (
+        6001, "localhost", 2000, 100, 3)
+    assert (f.shutdown_timeout, f.unhealthy_after, f.script, f.python) == (7, 2, "srv/app.py",
+                                                                            "/opt/py")
+    assert (cfg.host, cfg.port, cfg.max_body, cfg.proxy_timeout) == ("0.0.0.0", 0, 4 * 1024 ** 3, 1)
+    assert cfg.connect_timeout == 9 and cfg.ready_wait == 0
+
+
+@pytest.mark.parametrize("var,bad,default,reason", [
+    ("FLASK_PORT", "abc", 5001, "not a number"),
+    ("FLASK_PORT", "0", 5001, "between 1 and 65535"),
+    ("FLASK_PORT", "65536", 5001, "between 1 and 65535"),
+    ("FLASK_PORT", "50.1", 5001, "not a number"),
+    ("FLASK_HOST", "not a host!", "127.0.0.1", "not an IP address or host name"),
+    ("FLASK_HOST", "-bad-.example", "127.0.0.1", "not an IP address or host name"),
+    ("FLASK_HEALTH_TIMEOUT", "-5", 10000, "positive"),
+    ("FLASK_HEALTH_TIMEOUT", "0", 10000, "positive"),
+    ("FLASK_HEALTH_INTERVAL", "fast", 500, "not a number"),
+    ("FLASK_HEALTH_RETRIES", "0", 10, "positive"),
+    ("FLASK_SHUTDOWN_TIMEOUT", "1e3", 5000, "not a number"),
+    ("FLASK_AUTO_RESTART", "-1", 0, "zero or a positive"),
+    ("GATEWAY_PORT", "99999", 8080, "between 0 and 65535"),
+    ("GATEWAY_MAX_BODY", "lots", 1024 ** 3, "byte count"),
+    ("GATEWAY_MAX_BODY", "0", 1024 ** 3, "positive"),
+    ("FLASK_URL", "ftp://x", None, "http://"),
+    ("FLASK_URL", "http://127.0.0.1:5001/api", None, "root URL"),
+    ("FLASK_URL", "http://127.0.0.1:99999", None, "invalid port"),
+    ("FLASK_SCRIPT", "   ", "python/api_server.py", "must not be empty"),
+])
+def test_invalid_value_warns_with_variable_value_and_default(var, bad, default, reason):
+    cfg, warnings = load({var: bad})
+    assert len(warnings) == 1
+    w = warnings[0]
+    assert var in w and repr(bad) in w and repr(default) in w and reason in w
+    assert cfg == GatewayConfig()  # the default is used, nothing else changes
+
+
+def test_invalid_values_warn_once_each_and_valid_ones_still_apply():
+    cfg, warnings = load({"FLASK_PORT": "x", "FLASK_HOST": "::1", "FLASK_HEALTH_TIMEOUT": "-1",
+                          "FLASK_HEALTH_INTERVAL": "250"})
+    assert len(warnings) == 2
+    assert any("FLASK_PORT" in w for w in warnings)
+    assert any("FLASK_HEALTH_TIMEOUT" in w for w in warnings)
+    assert cfg.flask.port == 5001 and cfg.flask.health_timeout == 10000
+    assert cfg.flask.host == "::1" and cfg.flask.health_interval == 250
+    assert cfg.flask.base_url == "http://[::1]:5001"
+
+
+def test_empty_variable_is_missing_not_invalid():
+    cfg, warnings = load({"FLASK_PORT": "", "FLASK_HOST": ""})
+    assert warnings == [] and cfg.flask.port == 5001 and cfg.flask.host == "127.0.0.1"
+
+
+def test_bracketed_ipv6_host_is_normalised():
+    cfg, _ = load({"FLASK_HOST": "[::1]"})
+    assert cfg.flask.host == "::1"
+
+
+def test_override_wins_over_environment_and_none_means_not_given():
+    cfg, warnings = load({"FLASK_PORT": "6000", "GATEWAY_PORT": "9000"},
+                         {"flask_port": "7000", "port": None})
+    assert warnings == []
+    assert cfg.flask.port == 7000 and cfg.port == 9000
+
+
+def test_invalid_override_names_the_option():
+    cfg, warnings = load({"FLASK_PORT": "6000"}, {"flask_port": "nope"})
+    assert len(warnings) == 1
+    assert "--flask-port" in warnings[0] and "'nope'" in warnings[0] and "5001" in warnings[0]
+    assert cfg.flask.port == 5001  # the bad override does not fall back to the environment
+
+
+@pytest.mark.parametrize("env,mode", [
+    ({}, DEVELOPMENT),
+    ({"NODE_ENV": "production"}, PRODUCTION),
+    ({"GATEWAY_ENV": "prod"}, PRODUCTION),
+    ({"GATEWAY_ENV": "Production "}, PRODUCTION),
+    ({"GATEWAY_ENV": "development", "NODE_ENV": "production"}, DEVELOPMENT),
+    ({"NODE_ENV": "test"}, DEVELOPMENT),
+])
+def test_mode_from_environment(env, mode):
+    cfg, warnings = load(env)
+    assert warnings == []
+    assert cfg.mode == mode and cfg.flask.mode == mode
+    assert cfg.is_development is (mode == DEVELOPMENT)
+
+
+def test_mode_override():
+    cfg, _ = load({"NODE_ENV": "development"}, {"mode": "production"})
+    assert cfg.mode == PRODUCTION and not cfg.flask.is_development
+
+
+def test_flask_url_sets_host_and_port_for_external_server():
+    cfg, warnings = load({"FLASK_URL": "http://10.1.2.3:7000/"})
+    assert warnings == []
+    assert cfg.flask.url == "http://10.1.2.3:7000"
+    assert (cfg.flask.host, cfg.flask.port) == ("10.1.2.3", 7000)
+    assert cfg.flask.base_url == "http://10.1.2.3:7000"
+    cfg, _ = load({"FLASK_URL": "http://svc"})
+    assert cfg.flask.port == 80
+
+
+def test_default_comes_from_environ_argument_not_process(monkeypatch):
+    monkeypatch.setenv("FLASK_PORT", "6123")
+    assert load_config({}, warn=lambda m: None).flask.port == 5001
+    assert load_config(None, warn=lambda m: None).flask.port == 6123
+
+
+def test_default_warn_goes_to_the_config_logger(caplog):
+    with caplog.at_level("WARNING", logger="tornado_gateway.config"):
+        load_config({"FLASK_PORT": "zz"})
+    assert any("FLASK_PORT" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
+def test_every_setting_has_an_env_variable_and_option():
+    for name, (var, option, parse, where) in SETTINGS.items():
+        assert var.isupper() and option.startswith("--") and callable(parse)
+        assert where in ("gateway", "flask")
+
+
+def test_default_python_is_own_interpreter():
+    import sys
+
+    assert default_python() == sys.executable
+    assert FlaskConfig(url="http://h:1/").base_url == "http://h:1"
