@@ -592,6 +592,23 @@ async def test_download_back_pressure_stops_reading(server, client):
 
 
 @pytest.mark.timeout(10)
+async def test_expect_100_continue(server, client):
+    for _ in range(2):
+        resp = await client.fetch(
+            server.url + "/echo", method="POST", body=b"after-100", expect_100_continue=True
+        )
+        assert resp.body == b"after-100"
+    assert server.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_caller_connection_close_is_honoured(server, client):
+    resp = await client.fetch(server.url + "/hello", headers={"Connection": "close"})
+    assert resp.body == b"hello"
+    assert client.idle_count() == 0
+
+
+@pytest.mark.timeout(10)
 async def test_header_callback_gets_raw_lines(server, client):
     lines: list[str] = []
     await client.fetch(server.url + "/hello", header_callback=lines.append)
