@@ -14,6 +14,7 @@ import io
 
 import numpy as np
 from PIL import Image, ImageFilter
+from scipy.ndimage import convolve1d
 
 UPSAMPLERS = ("nearest", "bilinear", "transposed_conv")
 
@@ -35,7 +36,6 @@ def _upsample_axis(array: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarr
     index[axis] = slice(0, None, 2)
     stuffed[tuple(index)] = array
     # mode="wrap" keeps the output the same size and introduces no border of its own
-    from scipy.ndimage import convolve1d
     return convolve1d(stuffed, kernel, axis=axis, mode="wrap")
 
 

@@ -105,3 +105,12 @@ def test_upsampled_texture_differs_from_the_original_where_expected() -> None:
     # the last radial bins (near the corner of the spectrum) lose energy after up-sampling
     last = slice(features.RADIAL_BINS - 6, features.RADIAL_BINS)
     assert upsampled.radial_mean[last].mean() < original.radial_mean[last].mean() - 1
+
+
+def test_the_matrix_dct_equals_scipys_orthonormal_dct() -> None:
+    from scipy.fft import dctn
+
+    crop = np.random.default_rng(9).normal(size=(N, N))
+    centred = crop - crop.mean()
+    expected = np.log(np.abs(dctn(centred, type=2, norm="ortho")) + features._EPS)
+    assert np.allclose(features.log_spectrum(crop), expected - expected.mean(), atol=1e-9)
