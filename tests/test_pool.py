@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tornado import httputil
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError
@@ -535,6 +535,27 @@ async def test_streamed_upload_without_length_is_chunked(server, client):
         )
         assert resp.headers["X-Framing"] == "chunked"
         assert resp.body == data
+    assert server.connections == 1
+
+
+@pytest.mark.timeout(10)
+async def test_stale_producer_write_cannot_touch_a_pooled_stream(server, client):
+    """A proxy may close ``write.__self__.stream`` late; the pooled stream must survive."""
+    writers: list[Any] = []
+
+    async def produce(write: Callable[[bytes], Any]) -> None:
+        writers.append(write)
+        await write(b"abc")
+
+    await client.fetch(
+        server.url + "/echo",
+        method="POST",
+        headers={"Content-Length": "3"},
+        body_producer=produce,
+    )
+    assert client.idle_count() == 1
+    assert getattr(writers[0].__self__, "stream", None) is None
+    assert (await client.fetch(server.url + "/hello")).body == b"hello"
     assert server.connections == 1
 
 

@@ -59,7 +59,6 @@ import collections
 import functools
 import re
 import socket
-import sys
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -778,6 +777,12 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         # Pool before releasing the max_clients slot, so that a queued request started
         # by the release finds this connection idle.
         if self._reusable(stream):
+            # Cut this exchange's HTTP1Connection off the stream: a caller holding it
+            # (e.g. through the ``write`` given to its body_producer) must not be able
+            # to write to or close a stream that now serves other requests.
+            if self.connection is not None:
+                self.connection.detach()
+                self.connection = None
             self.client._checkin(pool_key, stream)
         else:
             stream.close()
