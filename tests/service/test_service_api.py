@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import io
 import threading
 
@@ -312,3 +313,21 @@ def test_a_second_retrain_is_refused_and_analyze_is_not_blocked(client, app, rea
         worker.join(10)
     assert results == [200]
     assert client.get(API + "/stats").get_json()["retrain"]["running"] is False
+
+
+def test_a_worse_candidate_does_not_replace_the_model(client, app, monkeypatch) -> None:
+    from deepfake import training
+
+    label_images(client, 2)
+    real_validate = training.validate
+
+    def worse(data):
+        metrics, logits = real_validate(data)
+        return dict(metrics, baseline_accuracy=metrics["baseline_accuracy"] - 0.2), logits
+    monkeypatch.setattr(training, "validate", worse)
+    body = client.post(API + "/retrain").get_json()
+    assert body["replaced"] is False and body["model_version"] == "baseline-1"
+    assert "kept the current model: on baseline images" in body["reason"]
+    files = app.extensions["deepfake"].models.files
+    assert not os.path.exists(files.current)
+    assert client.get(API + "/stats").get_json()["model"]["version"] == "baseline-1"
