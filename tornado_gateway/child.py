@@ -82,7 +82,9 @@ def resolve_script(script: str, cwd: Optional[str] = None, project_dir: str = PR
     """
     script = os.path.expanduser(script)
     if os.path.isabs(script):
-        return os.path.normpath(script) if exists(script) else None
+        # check the path that is returned (and run), as for a relative one below
+        script = os.path.normpath(script)
+        return script if exists(script) else None
     for base in (cwd or os.getcwd(), project_dir):
         candidate = os.path.normpath(os.path.join(base, script))
         if exists(candidate):
