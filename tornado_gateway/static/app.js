@@ -799,8 +799,8 @@
         return;
       }
       var text = metricValue(v, k);
-      if (previous && typeof previous === "object" && previous[k] !== undefined &&
-          (typeof previous[k] !== "object" || previous[k] === null) && (typeof v !== "object" || v === null)) {
+      if (previous && typeof previous === "object" && isNum(previous[k]) && isNum(v) &&
+          metricValue(previous[k], k) !== text) {
         text += " (was " + metricValue(previous[k], k) + ")";
       }
       dl.appendChild(el("dd", { text: text, "data-metric": k }));
@@ -894,10 +894,12 @@
           : "The current model was kept (version " + show(d.model_version) + ")" + took + "." }));
         if (d.reason) box.appendChild(el("p", { text: show(d.reason) }));
         if (d.metrics && typeof d.metrics === "object") {
-          box.appendChild(el("p", { className: "small-text", text: "New model's measured quality (previous in brackets):" }));
-          var dl = el("dl", { className: "facts" });
+          var words = metricsInWords(d.metrics);
+          if (words) box.appendChild(el("p", { text: words.replace(/^In plain words: on/, "The new model, on") }));
+          var dl = el("dl", { className: "facts metrics" });
           renderMetrics(dl, d.metrics, d.previous_metrics);
-          box.appendChild(dl);
+          box.appendChild(el("details", null, [
+            el("summary", { text: "All measurements (previous model's in brackets where they changed)" }), dl]));
         }
         out.appendChild(box);
         loadStats();
