@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import io
 import logging
 import os
 import threading
@@ -90,10 +91,17 @@ class LogPump:
         fileno = getattr(self._pipe, "fileno", None)
         if fileno is not None:
             try:
-                # os.read returns what is there now instead of waiting for a full chunk
-                return os.read(fileno(), self._chunk_size)
+                fd = fileno()
+            except io.UnsupportedOperation:  # file-like without a descriptor (BytesIO)
+                fd = None
             except (OSError, ValueError):
                 return b""
+            if fd is not None:
+                try:
+                    # os.read returns what is there now instead of waiting for a full chunk
+                    return os.read(fd, self._chunk_size)
+                except (OSError, ValueError):
+                    return b""
         return self._pipe.read(self._chunk_size) or b""
 
     def _run(self) -> None:
