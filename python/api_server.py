@@ -49,11 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     if config.env == PRODUCTION:
         import waitress
 
-        # waitress reads the whole body before calling the app; let it accept the service's
-        # own limit plus multipart framing, so the app can answer a JSON 413 itself
-        server = waitress.create_server(app, host=args.host, port=args.port,
-                                        threads=config.waitress_threads,
-                                        max_request_body_size=config.max_upload + 2**20)
+        from deepfake.waitress_errors import use_json_errors
+
+        # waitress reads (and spools) the whole body before calling the app, so its own limit
+        # is the service's upload limit plus room for multipart framing; above it waitress
+        # refuses the body unread, with our JSON error shape
+        server = use_json_errors(waitress.create_server(
+            app, host=args.host, port=args.port, threads=config.waitress_threads,
+            max_request_body_size=config.max_upload + 2**20))
         log.info("deepfake service listening on %s (production, waitress, data in %s)",
                  url, config.data_dir)
         server.run()

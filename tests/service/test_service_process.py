@@ -101,7 +101,9 @@ def test_production_refuses_a_body_over_the_limit_with_json(tmp_path) -> None:
     try:
         service.wait_ready()
         status, body = request(service.url + "/analyze", b"\0" * 30000)
-        assert status == 413 and body["error"] == "File too large"
+        assert status == 413 and body["error"] == "File too large"  # the app's own check
+        status, body = request(service.url + "/analyze", b"\0" * (3 * 2**20))
+        assert status == 413 and set(body) == {"error", "message", "suggestion", "timestamp"}
     finally:
         service.stop()
 
