@@ -834,6 +834,15 @@ async def test_dead_pooled_connection_get_is_retried(scripted, client):
 
 
 @pytest.mark.timeout(10)
+async def test_retry_uses_a_new_connection_not_another_pooled_one(scripted, client):
+    srv = scripted(keepalive_then_drop)
+    await asyncio.gather(client.fetch(srv.url + "/a"), client.fetch(srv.url + "/a"))
+    assert client.idle_count() == 2  # both will drop their next request
+    assert (await client.fetch(srv.url + "/b")).code == 200
+    assert client.stats["retried"] == 1 and srv.connections == 3
+
+
+@pytest.mark.timeout(10)
 async def test_dead_pooled_connection_post_is_not_retried(scripted, client):
     srv = scripted(keepalive_then_drop)
     await client.fetch(srv.url + "/a")

@@ -178,10 +178,13 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
     ) -> Future[HTTPResponse]:
         """Start a request; same contract as ``AsyncHTTPClient.fetch``.
 
-        The future resolves to the response (or raises, as ``AsyncHTTPClient`` does:
-        ``HTTPClientError`` 599 for connection failures, ``HTTPTimeoutError`` (599)
-        when ``request_timeout`` -- which counts from the call, queue time included --
-        or ``connect_timeout`` expires, even with ``raise_error=False``).
+        The future resolves to the response. Like ``SimpleAsyncHTTPClient`` it raises,
+        even with ``raise_error=False``, when no HTTP answer was had: the socket error
+        itself (e.g. ``ConnectionRefusedError``), ``HTTPStreamClosedError`` (599) when
+        the connection closed early, ``HTTPTimeoutError`` (599) when ``connect_timeout``
+        or ``request_timeout`` expires. ``request_timeout`` counts from this call, time
+        waiting for a ``max_clients`` slot included; on timeout the upstream socket is
+        closed, never pooled.
 
         Cancelling the returned future aborts the request: it leaves the queue, or its
         upstream connection is closed (never pooled) and its ``max_clients`` slot freed.
@@ -342,7 +345,7 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         # The close callback runs only when the IOLoop gets to the socket's event; a
         # FIN that arrived just now is seen by peeking (non-blocking).
         try:
-            data = stream.socket.recv(1, socket.MSG_PEEK)
+            stream.socket.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -576,7 +579,9 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         )
 
         for attempt in (0, 1):
-            stream: IOStream | None = self.client._checkout(pool_key)
+            # The retry always uses a new connection: other idle ones may be just as
+            # dead (the server restarted, or timed them all out at once).
+            stream = self.client._checkout(pool_key) if attempt == 0 else None
             reused = stream is not None
             if stream is None:
                 stream = await self._connect(host, port, af, ssl_options, source_ip)
