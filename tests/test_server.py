@@ -1,0 +1,245 @@
+"""server: shutdown signals, SignalCatcher install/restore, logging by mode, serve() and run()
+with a bridge on fakes (no real child)."""
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from tornado_gateway import server
+from tornado_gateway.config import DEVELOPMENT, PRODUCTION, GatewayConfig
+from tornado_gateway.server import (SignalCatcher, configure_logging, log_level_for, serve,
+                                    shutdown_signals)
+from tornado_gateway.state import BridgeState
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def keep_http_client_config():
+    saved = AsyncHTTPClient._save_configuration()
+    yield
+    AsyncHTTPClient._restore_configuration(saved)
+
+
+@pytest.fixture
+def keep_signals():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield saved
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def custom_handler(signum, frame):  # a host program's own handler
+    pass
+
+
+def test_shutdown_signals_per_platform():
+    assert shutdown_signals("linux") == [signal.SIGINT, signal.SIGTERM]
+    assert shutdown_signals("darwin") == [signal.SIGINT, signal.SIGTERM]
+    win = shutdown_signals("win32")
+    assert win[0] == signal.SIGINT and signal.SIGTERM not in win
+    assert win[1:] == ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+
+
+@pytest.mark.parametrize("platform", ["linux", "win32"])
+def test_signal_catcher_restores_exactly_the_previous_handlers(keep_signals, platform):
+    signal.signal(signal.SIGTERM, custom_handler)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    async def main():
+        got = []
+        catcher = SignalCatcher(asyncio.get_running_loop(), got.append, platform=platform)
+        assert catcher.install() is True
+        assert signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]
+        signal.raise_signal(signal.SIGINT)
+        await asyncio.sleep(0.05)
+        catcher.restore()
+        catcher.restore()  # twice is harmless
+        return got
+
+    got = asyncio.run(main())
+    assert got == [signal.SIGINT]
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert signal.getsignal(signal.SIGTERM) is custom_handler
+
+
+def test_signal_catcher_does_nothing_outside_the_main_thread(keep_signals):
+    before = signal.getsignal(signal.SIGINT)
+    result = []
+
+    def worker():
+        loop = asyncio.new_event_loop()
+        try:
+            catcher = SignalCatcher(loop, lambda s: None)
+            result.append(catcher.install())
+            catcher.restore()
+        finally:
+            loop.close()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(5)
+    assert result == [False] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_log_level_for_mode():
+    assert log_level_for(DEVELOPMENT) == logging.DEBUG
+    assert log_level_for(PRODUCTION) == logging.WARNING
+
+
+@pytest.mark.parametrize("mode", [DEVELOPMENT, PRODUCTION])
+def test_configure_logging_by_mode(mode):
+    import io
+
+    root = logging.getLogger()
+    names = ["tornado_gateway", "tornado_gateway.python", "asyncio"]
+    saved = (root.handlers[:], root.level, {n: logging.getLogger(n).level for n in names})
+    stream = io.StringIO()
+    try:
+        configure_logging(mode, stream)
+        logging.getLogger("tornado_gateway.bridge").debug("debug detail")
+        logging.getLogger("tornado_gateway.bridge").warning("a warning")
+        logging.getLogger("tornado_gateway.python").info("[Python] child line")
+        out = stream.getvalue()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        for n, level in saved[2].items():
+            logging.getLogger(n).setLevel(level)
+    assert "a warning" in out and "WARNING" in out
+    assert "[Python] child line" in out  # the child's output is shown in both modes
+    assert ("debug detail" in out) is (mode == DEVELOPMENT)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_with_stop_event_returns_zero_and_stops_the_child(gw_fakes, keep_http_client_config,
+                                                                 keep_signals):
+    control = gw_fakes.FakeControl()
+    bridge = gw_fakes.make_bridge(control)
+    before = {s: signal.getsignal(s) for s in keep_signals}
+
+    async def main():
+        stop = asyncio.Event()
+        ports = []
+
+        async def stopper():
+            await asyncio.wait_for(bridge.wait_until_ready(None), 5)
+            stop.set()
+
+        asyncio.ensure_future(stopper())
+        code = await serve(GatewayConfig(port=0), bridge=bridge, install_signals=False,
+                           stop_event=stop, on_listening=ports.append)
+        return code, ports
+
+    code, ports = asyncio.run(main())
+    assert code == 0 and ports and ports[0] > 0
+    assert bridge.state is BridgeState.STOPPED
+    assert control.calls == ["spawn", "request_stop"] and control.cleaned
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_shuts_down_on_a_signal_and_restores_handlers(gw_fakes, keep_http_client_config,
+                                                             keep_signals, sig):
+    signal.signal(signal.SIGTERM, custom_handler)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    control = gw_fakes.FakeControl(obey_stop=False)
+    bridge = gw_fakes.make_bridge(control, shutdown_timeout=20)
+
+    async def main():
+        async def signaller():
+            await asyncio.wait_for(bridge.wait_until_ready(None), 5)
+            signal.raise_signal(sig)
+
+        asyncio.ensure_future(signaller())
+        with gw_fakes.capture_logs() as logs:
+            code = await serve(GatewayConfig(port=0), bridge=bridge)
+        return code, logs
+
+    code, logs = asyncio.run(main())
+    assert code == 0
+    assert control.calls == ["spawn", "request_stop", "kill_tree"]
+    assert bridge.state is BridgeState.STOPPED
+    assert "Received %s: shutting down" % signal.Signals(sig).name in logs.text()
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_second_signal_kills_the_tree_at_once(gw_fakes, keep_http_client_config, keep_signals):
+    control = gw_fakes.FakeControl(obey_stop=False)
+    bridge = gw_fakes.make_bridge(control, shutdown_timeout=60000)
+
+    async def main():
+        async def signaller():
+            await asyncio.wait_for(bridge.wait_until_ready(None), 5)
+            signal.raise_signal(signal.SIGINT)
+            await asyncio.sleep(0.05)
+            assert control.calls == ["spawn", "request_stop"]  # waiting for the child
+            signal.raise_signal(signal.SIGINT)
+
+        asyncio.ensure_future(signaller())
+        return await asyncio.wait_for(serve(GatewayConfig(port=0), bridge=bridge), 10)
+
+    assert asyncio.run(main()) == 0
+    assert "kill_tree" in control.calls and bridge.state is BridgeState.STOPPED
+
+
+def test_serve_returns_one_when_the_port_is_taken(gw_fakes, keep_http_client_config, caplog):
+    control = gw_fakes.FakeControl()
+    bridge = gw_fakes.make_bridge(control)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="tornado_gateway"):
+            code = asyncio.run(serve(GatewayConfig(port=port), bridge=bridge,
+                                     install_signals=False, stop_event=asyncio.Event()))
+    assert code == 1 and control.calls == [] and bridge.state is BridgeState.IDLE
+    assert any("Cannot listen on 127.0.0.1:%d" % port in r.getMessage() and "GATEWAY_PORT"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_serve_answers_status_while_running(gw_fakes, keep_http_client_config):
+    import json
+
+    bridge = gw_fakes.make_bridge(gw_fakes.FakeControl())
+
+    async def main():
+        stop = asyncio.Event()
+        ports = []
+        task = asyncio.ensure_future(serve(GatewayConfig(port=0), bridge=bridge,
+                                           install_signals=False, stop_event=stop,
+                                           on_listening=ports.append))
+        await asyncio.wait_for(bridge.wait_until_ready(None), 5)
+        client = AsyncHTTPClient(force_instance=True)
+        try:
+            resp = await client.fetch("http://127.0.0.1:%d/api/gateway/status" % ports[0])
+        finally:
+            client.close()
+        stop.set()
+        return json.loads(resp.body), await task
+
+    body, code = asyncio.run(main())
+    assert body["service"]["state"] == "ready" and code == 0
+
+
+def test_run_runs_serve_in_a_fresh_loop(monkeypatch):
+    seen = []
+
+    async def fake_serve(config):
+        seen.append((config, asyncio.get_running_loop()))
+        return 0
+
+    monkeypatch.setattr(server, "serve", fake_serve)
+    cfg = GatewayConfig(port=0)
+    assert server.run(cfg) == 0
+    assert seen[0][0] is cfg
