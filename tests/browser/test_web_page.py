@@ -455,6 +455,75 @@ def test_retrain_shows_outcome(gateway: Gateway, browser: Any, images: Dict[str,
 
 
 @pytest.mark.timeout(240)
+def test_page_survives_odd_responses(gateway: Gateway, browser: Any, images: Dict[str, Path]) -> None:
+    """Fields missing, unknown values, HTML error pages, an unreachable gateway: the page shows
+    "—" or a plain message and never throws. The API is faked here with page.route; the page
+    itself is the one the real gateway serves."""
+    answers: Dict[str, Any] = {
+        "status": (200, {"service": {"state": "starting"}}),
+        "stats": (200, {"model": None, "samples_per_label": {}, "retrain": None}),
+        "analyze": (200, {"verdict": "something_new", "spectrum": {"log_magnitude": [1, "x", None]}}),
+    }
+
+    def handler(name: str) -> Any:
+        def fulfil(route: Any) -> None:
+            status, body = answers[name]
+            if body is None:
+                route.abort("connectionrefused")
+            elif isinstance(body, str):
+                route.fulfill(status=status, body=body, content_type="text/html")
+            else:
+                route.fulfill(status=status, body=json.dumps(body), content_type="application/json")
+        return fulfil
+
+    page = browser.new_page(viewport=PHONE)
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    errs = PageErrors()
+    page.on("pageerror", lambda exc: errs.errors.append(str(exc)))
+    page.route("**/api/gateway/status", handler("status"))
+    page.route("**/api/deepfake/stats", handler("stats"))
+    page.route("**/api/deepfake/analyze", handler("analyze"))
+    page.goto(gateway.base + "/?poll=300")
+
+    page.wait_for_selector("#status-badge[data-state=starting]")
+    assert "unavailable" in page.inner_text("#status-badge").lower()
+    assert page.is_visible("#unavailable")
+    assert "starting" in page.inner_text("#unavailable-what")
+    page.wait_for_function("() => document.querySelector('[data-field=model-version]')")
+    assert page.inner_text("[data-field=model-version]") == "—"
+    assert page.inner_text("#count-real") == "—"
+    assert page.inner_text("#capabilities").strip()  # the page's own fallback sentence
+
+    page.set_input_files("#file-input", str(images["jpeg"]))
+    page.wait_for_selector("#result-body:not([hidden])")
+    assert page.inner_text("#verdict-title") == "something new"
+    assert "did not report a probability" in page.inner_text("#prob-text")
+    assert page.inner_text("[data-field=elapsed]").startswith("—")
+    assert page.is_hidden("#spectrum-panel")  # fewer than two usable points: no chart
+    assert page.is_hidden("#feedback-panel")  # no analysis_id: nothing to label
+
+    answers["analyze"] = (502, "<html><body>Bad Gateway</body></html>")
+    page.set_input_files("#file-input", str(images["jpeg"]))
+    page.wait_for_selector("#result-error:not([hidden])")
+    assert "not available" in page.inner_text("#result-error")
+
+    answers["analyze"] = (413, {"error": "Too large", "message": "The upload is 60 MB; the limit is 50 MB.",
+                                "suggestion": "Send a smaller image.", "timestamp": "2024-01-01T00:00:00Z"})
+    page.set_input_files("#file-input", str(images["jpeg"]))
+    page.wait_for_function("() => document.getElementById('result-error').textContent.includes('60 MB')")
+    assert "Send a smaller image." in page.inner_text("#result-error")
+
+    answers["status"] = (200, None)  # the gateway itself is gone
+    page.wait_for_selector("#status-badge[data-state=gateway-unreachable]")
+    assert "cannot reach the gateway" in page.inner_text("#unavailable")
+    answers["status"] = (200, {"service": {"state": "ready", "ready": True}})
+    page.wait_for_selector("#status-badge[data-state=ready]")
+    assert page.is_hidden("#unavailable")
+    errs.check()
+    page.close()
+
+
+@pytest.mark.timeout(240)
 def test_unavailable_message_after_child_killed(gateway: Gateway, browser: Any, images: Dict[str, Path]) -> None:
     """Last in the file: it kills the gateway's child."""
     status = gateway.wait_ready()
