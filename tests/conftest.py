@@ -59,6 +59,7 @@ class _GwFakeControl:
         self.spawn_error = spawn_error
         self.pid = pid
         self.calls = []
+        self.times = []  # loop time of each call, to check the waits between them
         self.spawned = []
         self.handle = None
         self.on_exit = None
@@ -94,12 +95,14 @@ class _GwFakeControl:
 
     def request_stop(self, handle):
         self.calls.append("request_stop")
+        self.times.append(_gw_asyncio.get_running_loop().time())
         if self.obey_stop:
             _gw_asyncio.get_running_loop().call_soon(self.exit, self.stop_code)
         return "SIGTERM to process group %d" % handle.pid
 
     def kill_tree(self, handle, descendants):
         self.calls.append("kill_tree")
+        self.times.append(_gw_asyncio.get_running_loop().time())
         _gw_asyncio.get_running_loop().call_soon(self.exit, self.kill_code)
         return "SIGKILL to process group %d" % handle.pid
 
@@ -149,7 +152,7 @@ def gw_fakes(monkeypatch, tmp_path):
     script.write_text("# a stand-in: never run\n")
 
     def make_bridge(control=None, checker=None, environ=None, python="/usr/bin/python3-fake",
-                    port_busy=False, **config):
+                    port_busy=False, clock=None, **config):
         """A PythonBridge on fakes: fast health settings, the stand-in script, a fake python."""
         from tornado_gateway.bridge import PythonBridge
         from tornado_gateway.config import FlaskConfig
@@ -161,7 +164,8 @@ def gw_fakes(monkeypatch, tmp_path):
                             checker=checker or _GwFakeChecker(),
                             environ={"PATH": "/bin"} if environ is None else environ,
                             detect_python=lambda configured: python,
-                            port_in_use=lambda host, port: port_busy)
+                            port_in_use=lambda host, port: port_busy,
+                            **({} if clock is None else {"clock": clock}))
 
     return _gw_types.SimpleNamespace(FakeControl=_GwFakeControl, FakeChecker=_GwFakeChecker,
                                      capture_logs=_gw_capture_logs, script=str(script),
