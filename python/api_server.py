@@ -54,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         # waitress reads (and spools) the whole body before calling the app, so its own limit
         # is the service's upload limit plus room for multipart framing; above it waitress
         # refuses the body unread, with our JSON error shape
-        server = use_json_errors(waitress.create_server(
-            app, host=args.host, port=args.port, threads=config.waitress_threads,
-            max_request_body_size=config.max_upload + 2**20))
+        try:
+            server = use_json_errors(waitress.create_server(
+                app, host=args.host, port=args.port, threads=config.waitress_threads,
+                max_request_body_size=config.max_upload + 2**20))
+        except OSError as exc:
+            log.error("cannot listen on %s: %s (is another service using the port?)", url, exc)
+            return 1
         log.info("deepfake service listening on %s (production, waitress, data in %s)",
                  url, config.data_dir)
         server.run()

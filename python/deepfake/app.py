@@ -136,7 +136,7 @@ def create_app(config: ServiceConfig) -> Flask:
         return jsonify({
             "training_samples": sum(counts.values()),
             "model_loaded": model is not None,
-            "last_updated": max(times) if times else None,
+            "last_updated": max(times, key=_iso_key) if times else None,
             "samples_per_label": counts,
             "model": None if model is None else {
                 "version": model.version, "feature_version": model.feature_version,
@@ -154,6 +154,11 @@ def create_app(config: ServiceConfig) -> Flask:
         return jsonify(service.retrainer.run())
 
     return app
+
+
+def _iso_key(timestamp: str) -> str:
+    # "...:05Z" and "...:05.120Z" must compare by time, not by the character after the seconds
+    return timestamp if "." in timestamp else timestamp[:-1] + ".000Z"
 
 
 def _register_errors(app: Flask, config: ServiceConfig) -> None:

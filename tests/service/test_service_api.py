@@ -6,7 +6,6 @@ import os
 import io
 import threading
 
-import numpy as np
 import pytest
 from PIL import Image
 
