@@ -5,7 +5,9 @@
     python bench/bench.py              # full run (~6-8 minutes)
 
 One run measures, interleaving direct and gateway runs so that the machine's noise hits both
-(direct, gateway, direct, gateway, ...), each figure as min / median / max over the repeats:
+(each repeat runs direct, gateway, gateway+pool, in an order that rotates from one repeat to the
+next), each figure as min / median / max over the repeats, each ratio per repeat against the
+direct run of the same repeat:
 
 * tiny GET (``/api/deepfake/tiny``): requests/s, p50 and p99 latency at 1 and 32 keep-alive
   client connections, with ``wrk`` if installed (Debian: ``apt-get install wrk``), else a bounded
@@ -555,65 +557,90 @@ def upstream_connections(gw: Gateway) -> Optional[int]:
                and c.status == psutil.CONN_ESTABLISHED)
 
 
+def rotation(items: List[Any], r: int) -> List[Any]:
+    """``items`` rotated by ``r``: repeat r of direct, gateway, gateway+pool starts elsewhere,
+    so no target always runs first (right after a phase change) or last."""
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
 def throughput(gateways: List[Gateway], conns_list: List[int], repeats: int, duration: int,
                loader: Callable[..., Dict[str, Any]]) -> Dict[str, Any]:
-    """Interleaved: for each repeat, direct (gateway 1's child), gateway 1, direct (gateway 2's
-    child), gateway 2, ...; each gateway's ratio is against the direct run just before it."""
+    """Interleaved: each repeat runs direct (the first gateway's child), each gateway, in a
+    rotating order; each gateway's ratio is against the direct run of the same repeat."""
     path = "/api/deepfake/tiny"
+    base = gateways[0]
+    targets: List[Tuple[str, int]] = [("direct", base.fport)] + [
+        (gw.variant.name, gw.gport) for gw in gateways]
     out: Dict[str, Any] = {}
     for conns in conns_list:
-        rows: Dict[str, List[Dict[str, Any]]] = {"direct": []}
+        rows: Dict[str, List[Dict[str, Any]]] = {name: [] for name, _ in targets}
         ratios: Dict[str, List[float]] = {}
         for r in range(repeats):
+            got: Dict[str, Dict[str, Any]] = {}
+            for name, port in rotation(targets, r):
+                got[name] = loader(port, path, conns, duration)
+                got[name]["repeat"] = r
+                rows[name].append(got[name])
+            d = got["direct"]
+            line = "tiny GET c=%-2d rep %d/%d  direct %6.0f rps" % (conns, r + 1, repeats, d["rps"])
             for gw in gateways:
-                d = loader(gw.fport, path, conns, duration)
-                d["child_of"] = gw.variant.name
-                g = loader(gw.gport, path, conns, duration)
-                rows["direct"].append(d)
-                rows.setdefault(gw.variant.name, []).append(g)
+                g = got[gw.variant.name]
                 ratio = g["rps"] / d["rps"] if d["rps"] else None
                 ratios.setdefault(gw.variant.name, []).append(ratio)
-                log("tiny GET c=%-2d rep %d/%d  direct %7.0f rps  %-13s %7.0f rps  ratio %.2f"
-                    % (conns, r + 1, repeats, d["rps"], gw.variant.name, g["rps"], ratio or 0))
+                line += "  %s %6.0f (%.2fx)" % (gw.variant.name, g["rps"], ratio or 0)
+            log(line)
         out[str(conns)] = {"runs": rows, "ratios": ratios}
     return out
 
 
+def one_transfer(direction: str, port: int, size: int, block: bytes,
+                 pids: Dict[str, int]) -> Dict[str, Any]:
+    with RssSampler(pids) as sampler:
+        coro = upload(port, size, block) if direction == "upload" else download(port, size)
+        try:
+            res = asyncio.run(asyncio.wait_for(coro, 300))
+        except Exception as exc:  # keep going; record the failure
+            res = {"ok": False, "seconds": None, "error": repr(exc)}
+    for name, peak in sampler.peak.items():
+        res["%s_peak_rss_mb" % name] = peak / MIB
+    res["rss_samples"] = sampler.samples
+    return res
+
+
 def big_transfers(gateways: List[Gateway], size: int, repeats: int) -> Dict[str, Any]:
-    """1 GiB up and down, direct vs each gateway, interleaved; gateway peak RSS sampled."""
+    """1 GiB up and down: direct (the first gateway's child) and each gateway, in a rotating
+    order per repeat; the peak RSS of the gateway under test is sampled every 50 ms."""
     block = b"\xa5" * MIB
+    base = gateways[0]
+    targets: List[Tuple[str, int, Optional[Gateway]]] = [("direct", base.fport, None)] + [
+        (gw.variant.name, gw.gport, gw) for gw in gateways]
     out: Dict[str, Any] = {}
     for direction in ("upload", "download"):
-        rows: Dict[str, List[Dict[str, Any]]] = {"direct": []}
+        rows: Dict[str, List[Dict[str, Any]]] = {name: [] for name, _, _ in targets}
         ratios: Dict[str, List[float]] = {}
         for r in range(repeats):
+            got: Dict[str, Dict[str, Any]] = {}
+            for name, port, gw in rotation(targets, r):
+                owner = gw or base
+                pids = {"gateway": owner.pid}
+                child = owner.child_pid()
+                if child:
+                    pids["child"] = child
+                res = one_transfer(direction, port, size, block, pids)
+                hwm = vm_hwm_kib(owner.pid)
+                res["gateway_vmhwm_mb"] = hwm / 1024.0 if hwm else None
+                res["repeat"] = r
+                rows[name].append(res)
+                got[name] = res
+                log("%-8s rep %d/%d %-13s %s %6.2f s  gateway peak RSS %.1f MB, child %.1f MB"
+                    % (direction, r + 1, repeats, name, "ok " if res.get("ok") else "BAD",
+                       res["seconds"] or -1, res.get("gateway_peak_rss_mb", 0),
+                       res.get("child_peak_rss_mb", 0)))
+            d = got["direct"]
             for gw in gateways:
-                child = gw.child_pid()
-                pair = []
-                for target, port in (("direct", gw.fport), (gw.variant.name, gw.gport)):
-                    pids = {"gateway": gw.pid}
-                    if child:
-                        pids["child"] = child
-                    with RssSampler(pids) as sampler:
-                        coro = (upload(port, size, block) if direction == "upload"
-                                else download(port, size))
-                        try:
-                            res = asyncio.run(asyncio.wait_for(coro, 300))
-                        except Exception as exc:  # keep going; record the failure
-                            res = {"ok": False, "seconds": None, "error": repr(exc)}
-                    res["gateway_peak_rss_mb"] = sampler.peak.get("gateway", 0) / MIB
-                    res["child_peak_rss_mb"] = sampler.peak.get("child", 0) / MIB
-                    hwm = vm_hwm_kib(gw.pid)
-                    res["gateway_vmhwm_mb"] = hwm / 1024.0 if hwm else None
-                    res["rss_samples"] = sampler.samples
-                    res["child_of"] = gw.variant.name
-                    rows.setdefault(target, []).append(res)
-                    pair.append(res)
-                    log("%-8s rep %d/%d %-13s %s  %.2f s  gateway peak RSS %.1f MB"
-                        % (direction, r + 1, repeats, target, "ok " if res.get("ok") else "BAD",
-                           res["seconds"] or -1, res["gateway_peak_rss_mb"]))
-                d, g = pair
-                if d.get("seconds") and g.get("seconds"):
+                g = got[gw.variant.name]
+                if d.get("ok") and g.get("ok"):
                     ratios.setdefault(gw.variant.name, []).append(g["seconds"] / d["seconds"])
         out[direction] = {"runs": rows, "time_ratios": ratios}
     return out
@@ -722,7 +749,8 @@ def summarize(raw: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
             good = [r for r in runs if r.get("ok")]
             row[target] = {"seconds": spread([r["seconds"] for r in good]),
                            "mib_per_s": spread([raw["size"] / MIB / r["seconds"] for r in good]),
-                           "gateway_peak_rss_mb": spread([r["gateway_peak_rss_mb"] for r in runs]),
+                           "gateway_peak_rss_mb": spread([r.get("gateway_peak_rss_mb") for r in runs]),
+                           "child_peak_rss_mb": spread([r.get("child_peak_rss_mb") for r in runs]),
                            "gateway_vmhwm_mb": spread([r["gateway_vmhwm_mb"] for r in runs
                                                        if r.get("gateway_vmhwm_mb")]),
                            "failures": len(runs) - len(good)}
@@ -799,8 +827,8 @@ def print_report(result: Dict[str, Any]) -> None:
     w("\n=== tornado_gateway benchmark (%s, %s; %d CPUs; load %s; %s) ===\n"
       % (result["profile"], result["started_utc"], env["cpus"],
          " ".join("%.2f" % x for x in env["loadavg_before"]), result["load_generator"]))
-    w("figures: median (min..max) over repeats; ratios per interleaved pair "
-      "(direct run just before the gateway run)\n")
+    w("figures: median (min..max) over repeats; ratio = gateway / direct of the same repeat "
+      "(direct and gateways interleaved, order rotating)\n")
     for name in names:
         w("  %-13s %s\n" % (name, result["variants"][name]))
 
@@ -821,21 +849,23 @@ def print_report(result: Dict[str, Any]) -> None:
     if s["transfers"]:
         w("\n-- %.0f MiB streamed each way, %d repeats --\n"
           % (result["size"] / MIB, result["params"]["big_repeats"]))
-        w("%-9s %-13s %-22s %-20s %-22s %-18s %s\n" % ("direction", "target", "seconds",
-                                                       "MiB/s", "time ratio vs direct",
-                                                       "gw peak RSS MB", "gw VmHWM MB"))
+        w("%-9s %-13s %-20s %-16s %-20s %-14s %-20s %s\n" % (
+            "direction", "target", "seconds", "MiB/s", "time ratio", "gw peak RSS",
+            "gw VmHWM MB", "child peak RSS"))
         for direction, row in s["transfers"].items():
             for target in ["direct"] + names:
                 if target not in row:
                     continue
                 r = row[target]
-                peak = r["gateway_peak_rss_mb"]
-                w("%-9s %-13s %-22s %-20s %-22s %-18s %s%s\n" % (
+                peak, hwm, child = (r["gateway_peak_rss_mb"], r["gateway_vmhwm_mb"],
+                                    r["child_peak_rss_mb"])
+                gw_cols = ("%.1f MB" % peak["max"] if peak else "-",
+                           fmt_spread(hwm, "%.1f")) if target != "direct" else (
+                    "(idle %.0f)" % peak["max"] if peak else "-", "")
+                w("%-9s %-13s %-20s %-16s %-20s %-14s %-20s %s%s\n" % (
                     direction, target, fmt_spread(r["seconds"], "%.2f"),
                     fmt_spread(r["mib_per_s"]), fmt_spread(r.get("time_ratio"), "%.2f"),
-                    ("%.1f" % peak["max"]) if peak and target != "direct" else
-                    ("(%.1f idle)" % peak["max"] if peak else "-"),
-                    fmt_spread(r["gateway_vmhwm_mb"], "%.1f") if target != "direct" else "",
+                    gw_cols[0], gw_cols[1], "%.0f MB" % child["max"] if child else "-",
                     "  FAILED x%d" % r["failures"] if r["failures"] else ""))
 
     if s["launch"]:
@@ -908,8 +938,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs, < 2 minutes")
     parser.add_argument("--duration", type=int, help="seconds per load run")
-    parser.add_argument("--repeats", type=int, help="interleaved pairs per tiny-GET row")
-    parser.add_argument("--big-repeats", type=int, help="pairs per 1 GiB direction")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats per tiny-GET row")
+    parser.add_argument("--big-repeats", type=int, help="interleaved repeats per 1 GiB direction")
     parser.add_argument("--launches", type=int, help="launch/Ctrl+C trials per gateway")
     parser.add_argument("--analyze-runs", type=int, help="analyze requests per target")
     parser.add_argument("--size", default=str(GIB), help="bytes each way (default 1 GiB)")
