@@ -365,6 +365,13 @@ class PythonBridge:
         handle = self._handle
         self.last_exit = {"code": code, "signal": sig, "at": utc_timestamp(),
                           "pid": handle.pid if handle else None, "stderr_tail": []}
+        kill_leftovers = getattr(self._control, "kill_leftovers", None)
+        done = kill_leftovers(handle) if handle is not None and kill_leftovers else ""
+        if done:
+            # e.g. the reloader died and its grandchild still holds the port: an orphan
+            log.log(logging.INFO if self.state in (S.STOPPING, S.STOPPED) else logging.WARNING,
+                    "Flask server (pid %d) exited but left processes running; killed them: %s",
+                    handle.pid, done)
         if self.state in (S.STOPPING, S.STOPPED):
             log.info("Flask server (pid %s) exited: %s", handle.pid if handle else "?",
                      "signal %s" % sig if sig else "code %s" % code)

@@ -190,6 +190,11 @@ class ProcessControl:
         """Kill the child and its whole tree now; returns what was done."""
         raise NotImplementedError
 
+    def kill_leftovers(self, handle: ChildHandle) -> str:
+        """Once the child itself has exited: kill what it left running (a Werkzeug reloader's
+        grandchild still serving the port); returns what was done, "" if nothing was left."""
+        return ""
+
     def cleanup(self) -> None:
         """Release anything global the spawn set up (called when the loop is done)."""
 
@@ -244,6 +249,15 @@ class PosixProcessControl(ProcessControl):
         done = self._signal_group(handle, signal.SIGKILL)
         extra = self._kill_processes(descendants)
         return done + (" and %d descendant(s)" % extra if extra else "")
+
+    def kill_leftovers(self, handle):
+        # the child led its own process group; the group's id cannot be reused while a member
+        # lives, so once the child is gone this reaches exactly what it left behind
+        try:
+            self._killpg(handle.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return ""
+        return "SIGKILL to process group %d" % handle.pid
 
     def cleanup(self):
         from tornado.process import Subprocess
