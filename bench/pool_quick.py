@@ -3,11 +3,12 @@
 Compares the proxy on ``SimpleAsyncHTTPClient`` (a new upstream connection per request)
 with :class:`tornado_gateway.pool.KeepAliveHTTPClient` (upstream keep-alive), at 1 and 32
 concurrent keep-alive client connections, and prints requests/s and the ratio to direct.
-127.0.0.1 only, bounded to ~15 s. Backend, proxy and load generator run as separate
+127.0.0.1 only, bounded (~20 s with the defaults). Backend, proxy and load generator run as separate
 processes so that they do not share one event loop (they do share the machine's cores,
 so treat the figures as rough; the full benchmark is elsewhere).
 
-    python bench/pool_quick.py [--duration 1.5] [--concurrency 1 32] [--app wsgi|flask]
+    python bench/pool_quick.py [--duration 1] [--rounds 2] [--concurrency 1 32]
+                               [--app wsgi|flask]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -173,7 +175,14 @@ def main() -> None:
             run_load(int(args[0]), int(args[1]), float(args[2]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=1.5)
+    parser.add_argument("--duration", type=float, default=1.0, help="seconds per run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="runs per figure, interleaved direct/simple/pool; the median is shown "
+        "(interleaving keeps a load change on the machine from favouring one side)",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument(
         "--app",
@@ -194,9 +203,11 @@ def main() -> None:
         print(f"{'conc':>4} {'direct r/s':>11} {'simple r/s':>11} {'pool r/s':>9}"
               f" {'simple/direct':>14} {'pool/direct':>12}")
         for c in opts.concurrency:
-            direct = measure(backend_port, c, opts.duration)
-            simple = measure(simple_port, c, opts.duration)
-            pool = measure(pool_port, c, opts.duration)
+            runs: dict[int, list[float]] = {backend_port: [], simple_port: [], pool_port: []}
+            for _ in range(opts.rounds):
+                for port in runs:
+                    runs[port].append(measure(port, c, opts.duration))
+            direct, simple, pool = (statistics.median(runs[p]) for p in runs)
             print(f"{c:>4} {direct:>11.0f} {simple:>11.0f} {pool:>9.0f}"
                   f" {simple / direct:>14.2f} {pool / direct:>12.2f}")
     finally:

@@ -834,6 +834,20 @@ async def test_dead_pooled_connection_get_is_retried(scripted, client):
 
 
 @pytest.mark.timeout(10)
+async def test_partial_answer_on_pooled_connection_is_not_retried(scripted, client):
+    def script(c: int, r: int, m: str, p: str) -> Answer:
+        if r == 1:
+            return raw("200 OK", b"ok"), False
+        return b"HTTP/1.1 200", True  # something answered: not a dead idle connection
+
+    srv = scripted(script)
+    await client.fetch(srv.url + "/a")
+    with pytest.raises((HTTPClientError, ConnectionError)):
+        await client.fetch(srv.url + "/b")
+    assert client.stats["retried"] == 0 and srv.connections == 1
+
+
+@pytest.mark.timeout(10)
 async def test_retry_uses_a_new_connection_not_another_pooled_one(scripted, client):
     srv = scripted(keepalive_then_drop)
     await asyncio.gather(client.fetch(srv.url + "/a"), client.fetch(srv.url + "/a"))

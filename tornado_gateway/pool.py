@@ -37,8 +37,8 @@ request (the simple client's behaviour).
 
 An idle connection is checked before reuse (closed flag, unsolicited buffered bytes, and
 a non-blocking ``MSG_PEEK`` for EOF). If a reused connection still turns out to be dead
--- it closes before any byte of the response arrived -- the request is retried once on a
-new connection, but only when that cannot duplicate an effect: the method is idempotent
+-- it closes before any byte of a response arrived -- the request is retried once on a
+new connection (never on another idle one), but only when that cannot duplicate an effect: the method is idempotent
 (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) and the body is not a ``body_producer`` (a
 producer cannot be replayed). POST/PATCH and streamed bodies fail with the error.
 
@@ -603,6 +603,8 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
                     and reused
                     and may_retry
                     and not self._response_started
+                    # not even part of a status line: the server answered nothing
+                    and not getattr(stream, "_read_buffer_size", 0)
                 ):
                     # A pooled connection the server had closed: nothing of the
                     # response arrived and the request is idempotent and replayable.
