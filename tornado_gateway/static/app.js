@@ -299,7 +299,15 @@
     return steps;
   }
 
+  var lastUnavailable = null;
+
   function renderUnavailable(svc, state, gatewayDown) {
+    // re-render (and so re-announce the alert) only when what it says changes
+    var signature = JSON.stringify([gatewayDown, state, get(svc, "message"), get(svc, "last_exit"),
+                                    get(svc, "last_error"), get(svc, "restarts"), get(svc, "external"),
+                                    get(svc, "last_health_check.ok"), get(svc, "last_health_check.detail")]);
+    if (signature === lastUnavailable && !$("unavailable").hidden) return;
+    lastUnavailable = signature;
     var panel = $("unavailable");
     var what = $("unavailable-what");
     var msg = $("unavailable-message");
@@ -357,11 +365,13 @@
     panel.hidden = false;
   }
 
-  function setBadge(kind, text, state) {
+  function setBadge(kind, text, state, title) {
     var badge = $("status-badge");
     badge.className = "badge badge-" + kind;
     badge.setAttribute("data-state", state || kind);
-    $("status-text").textContent = text;
+    badge.title = title || "";
+    // only touch the live region when the words change, so nothing is announced on every poll
+    if ($("status-text").textContent !== text) $("status-text").textContent = text;
   }
 
   function applyStatus(res) {
@@ -376,8 +386,9 @@
     var ready = svc.ready === true || (svc.ready === undefined && state === "ready");
     if (ready) {
       var up = get(svc, "uptime_s");
-      setBadge("ok", "Service ready" + (isNum(up) ? " · up " + seconds(up) : ""), state);
+      setBadge("ok", "Service ready", state, isNum(up) ? "Running for " + seconds(up) : "");
       $("unavailable").hidden = true;
+      lastUnavailable = null;
     } else {
       var st = STATE_TEXT[state];
       var kind = state === "starting" ? "warn" : "down";
