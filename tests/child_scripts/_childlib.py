@@ -29,8 +29,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def say(text: str, stream=None) -> None:
     stream = stream or sys.stdout
-    stream.write(text + "\n")
-    stream.flush()
+    try:
+        stream.write(text + "\n")
+        stream.flush()
+    except (OSError, ValueError):  # the reader (a SIGKILLed gateway) is gone: EPIPE
+        pass
 
 
 class Handler(http.server.BaseHTTPRequestHandler):

@@ -1,0 +1,231 @@
+"""End to end: ``python -m tornado_gateway`` run the way a user runs it, in its own session so
+the test can signal it like Ctrl+C would; real child, real signals, real sockets on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import List, Optional
+
+import psutil
+import pytest
+
+from gw_realproc import PROJECT_DIR, pid_alive, port_is_free, script, wait_until
+
+pytestmark = pytest.mark.integration
+
+CLEAN_ENV_PREFIXES = ("FLASK_", "GATEWAY_", "TORNADO_GATEWAY_", "NODE_ENV", "CRASH_AFTER",
+                      "SLOW_START", "DEEPFAKE_")
+
+
+class Gateway:
+    """One ``python -m tornado_gateway`` process, its output in a file."""
+
+    def __init__(self, tmp_path, orphans, args: List[str], env: Optional[dict] = None,
+                 port: Optional[int] = None) -> None:
+        self.port = port or orphans.port()
+        self.flask_port = orphans.port()
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_PREFIXES)}
+        environ["PYTHONUNBUFFERED"] = "1"
+        environ.update(env or {})
+        self.log_path = tmp_path / ("gateway-%d.log" % self.port)
+        self._log = open(self.log_path, "wb")
+        self.argv = [sys.executable, "-m", "tornado_gateway", "--port", str(self.port),
+                     "--flask-port", str(self.flask_port)] + list(args)
+        self.launched = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, cwd=PROJECT_DIR, env=environ,
+                                     stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def url(self, path: str) -> str:
+        return "http://127.0.0.1:%d%s" % (self.port, path)
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple:
+        try:
+            with urllib.request.urlopen(self.url(path), timeout=timeout) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"null")
+
+    def status(self) -> Optional[dict]:
+        try:
+            code, body = self.get("/api/gateway/status", timeout=2)
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+        return body if code == 200 else None
+
+    def wait_ready(self, timeout: float = 15.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "gateway exited %s:\n%s" % (self.proc.returncode,
+                                                                         self.output())
+            status = self.status()
+            if status and status["service"]["state"] == "ready":
+                self.ready_after = time.monotonic() - self.launched
+                return status
+            time.sleep(0.03)
+        raise AssertionError("not ready in %g s: %s\n%s" % (timeout, self.status(),
+                                                            self.output()))
+
+    def send(self, sig: int) -> float:
+        self.proc.send_signal(sig)
+        return time.monotonic()
+
+    def wait(self, timeout: float) -> Optional[int]:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_bytes().decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:  # only this test's gateway: its own session
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def gateway(tmp_path, orphans):
+    started = []
+
+    def start(*args: str, env: Optional[dict] = None, port: Optional[int] = None) -> Gateway:
+        gw = Gateway(tmp_path, orphans, list(args), env, port)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.close()
+
+
+def child_gone(pid: int, port: int, timeout: float = 3.0) -> bool:
+    return wait_until(lambda: not pid_alive(pid) and port_is_free(port), timeout)
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_serves_proxies_and_exits_0_on_signal(gateway, sig):
+    gw = gateway("--flask-script", "tests/child_scripts/healthy.py")
+    status = gw.wait_ready()
+    child = status["service"]["pid"]
+    assert pid_alive(child)
+    assert status["gateway"]["pid"] == gw.proc.pid
+    assert status["service"]["url"] == "http://127.0.0.1:%d" % gw.flask_port
+    # the child was given the gateway's pid to watch, and its own session
+    assert psutil.Process(child).environ()["TORNADO_GATEWAY_PID"] == str(gw.proc.pid)
+    assert os.getsid(child) == child != os.getsid(gw.proc.pid)
+    code, body = gw.get("/api/deepfake/stats")
+    assert code == 200
+    assert body == {"training_samples": 0, "model_loaded": True, "last_updated": None,
+                    "pid": child}
+    sent = gw.send(sig)
+    assert gw.wait(3.0) == 0, gw.output()
+    took = time.monotonic() - sent
+    print("%s: launch -> ready %.2f s, signal -> exit 0 in %.2f s" % (
+        sig.name, gw.ready_after, took))
+    assert child_gone(child, gw.flask_port)
+    assert port_is_free(gw.port)
+    out = gw.output()
+    assert "[Python] healthy: listening on 127.0.0.1:%d" % gw.flask_port in out
+    assert "[Python] healthy: stderr line 3" in out
+    assert "[Python] healthy: bad bytes \ufffd\ufffd end" in out
+    assert "[Python] healthy: got SIGTERM" in out
+    assert "[Python] healthy: partial last line" in out
+    assert "Received %s: shutting down" % sig.name in out
+    assert out.rstrip().endswith("Gateway stopped."), out[-500:]
+    assert "Traceback" not in out
+
+
+@pytest.mark.timeout(40)
+def test_cli_child_that_ignores_sigterm_is_killed_and_exit_is_0(gateway):
+    gw = gateway("--flask-script", "tests/child_scripts/ignores_sigterm.py",
+                 "--shutdown-timeout", "500")
+    child = gw.wait_ready()["service"]["pid"]
+    sent = gw.send(signal.SIGINT)
+    assert gw.wait(3.0) == 0, gw.output()
+    took = time.monotonic() - sent
+    print("ignores SIGTERM, --shutdown-timeout 500: SIGINT -> exit 0 in %.2f s" % took)
+    assert took >= 0.5
+    assert child_gone(child, gw.flask_port)
+    assert port_is_free(gw.port)
+    out = gw.output()
+    assert "did not exit within 0.5 s; killing its process tree" in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.timeout(40)
+def test_cli_second_sigint_forces_a_slow_shutdown(gateway):
+    gw = gateway("--flask-script", "tests/child_scripts/ignores_sigterm.py",
+                 "--shutdown-timeout", "20000")
+    child = gw.wait_ready()["service"]["pid"]
+    gw.send(signal.SIGINT)
+    assert wait_until(lambda: "Stopping the Flask server" in gw.output(), 3)
+    assert gw.wait(0.3) is None  # waiting for a child that ignores SIGTERM
+    sent = gw.send(signal.SIGINT)
+    assert gw.wait(3.0) == 0, gw.output()
+    took = time.monotonic() - sent
+    print("second SIGINT -> exit 0 in %.2f s" % took)
+    assert took < 2.0
+    assert child_gone(child, gw.flask_port)
+    out = gw.output()
+    assert "Received SIGINT again: killing the Flask server now." in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.timeout(30)
+def test_cli_gateway_port_in_use_exits_1_with_a_clear_message(gateway, orphans):
+    port = orphans.port()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen(1)
+        gw = gateway("--flask-script", "tests/child_scripts/healthy.py", port=port)
+        assert gw.wait(10.0) == 1, gw.output()
+    out = gw.output()
+    assert "Cannot listen on 127.0.0.1:%d" % port in out
+    assert "GATEWAY_PORT / --port" in out
+    assert "[Python]" not in out  # the child was never started
+    assert port_is_free(gw.flask_port)
+
+
+@pytest.mark.timeout(30)
+def test_cli_gateway_sigkilled_child_exits_by_itself(gateway):
+    gw = gateway("--flask-script", "tests/child_scripts/healthy.py")
+    child = gw.wait_ready()["service"]["pid"]
+    gw.proc.kill()  # no chance to stop the child
+    gw.proc.wait(5)
+    killed = time.monotonic()
+    assert child_gone(child, gw.flask_port, timeout=3.0), "child %d orphaned" % child
+    print("gateway SIGKILLed: child gone after %.2f s" % (time.monotonic() - killed))
+    assert gw.proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.timeout(90)
+def test_cli_default_script_real_service(gateway, tmp_path):
+    service = os.path.join(PROJECT_DIR, "python", "api_server.py")
+    if not os.path.isfile(service):
+        pytest.skip("python/api_server.py is not there yet")
+    gw = gateway(env={"DEEPFAKE_DATA_DIR": str(tmp_path / "data")})
+    status = gw.wait_ready(timeout=40)
+    child = status["service"]["pid"]
+    assert service in psutil.Process(child).cmdline()
+    code, body = gw.get("/api/deepfake/stats")
+    assert code == 200
+    assert {"training_samples", "model_loaded", "last_updated"} <= set(body)
+    sent = gw.send(signal.SIGINT)
+    assert gw.wait(8.0) == 0, gw.output()
+    print("default script: launch -> ready %.2f s, SIGINT -> exit 0 in %.2f s" % (
+        gw.ready_after, time.monotonic() - sent))
+    assert child_gone(child, gw.flask_port)
+    assert port_is_free(gw.port)
+    assert "[Python] " in gw.output()
