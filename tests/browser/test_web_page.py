@@ -326,7 +326,7 @@ def test_upload_verdict_feedback_retrain(gateway: Gateway, browser: Any, images:
     cdp.send("Network.enable")
     cdp.send("Network.emulateNetworkConditions", {
         "offline": False, "latency": 20, "downloadThroughput": -1,
-        "uploadThroughput": 3 * 1024 * 1024})
+        "uploadThroughput": 1024 * 1024})  # ~2 s for the 2 MB PNG
     page.set_input_files("#file-input", str(images["large_png"]))
     page.wait_for_selector("#preview-img[src^='blob:']")
     page.wait_for_selector("#upload-progress:not([hidden])")
