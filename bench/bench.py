@@ -113,6 +113,10 @@ def fmt_spread(s: Optional[Dict[str, float]], fmt: str = "%.0f") -> str:
     return "%s (%s..%s)" % (fmt % s["median"], fmt % s["min"], fmt % s["max"])
 
 
+def _num(v: Optional[float], fmt: str = "%.0f") -> str:
+    return "-" if v is None else fmt % v
+
+
 def vm_hwm_kib(pid: int) -> Optional[int]:
     """The kernel's peak-RSS high-water mark of ``pid`` (Linux), in KiB."""
     try:
@@ -522,7 +526,7 @@ def launch_trials(procs: Processes, variants: List[Variant], env: Dict[str, str]
                 if res.get("gateway_ms") is None:
                     raise RuntimeError("%s never answered a proxied request (see %s)"
                                        % (v.name, procs.log_dir))
-                time.sleep(0.2)  # let it settle (health monitor started) before Ctrl+C
+                time.sleep(0.1)  # let it settle (health monitor started) before Ctrl+C
                 res.update(sigint_exit(procs, gw))
             finally:
                 procs.stop(gw.proc)
@@ -700,15 +704,19 @@ def analyze_phase(procs: Processes, variants: List[Variant], env: Dict[str, str]
              "Content-Type: image/jpeg\r\n\r\n" % boundary).encode() + jpeg
             + ("\r\n--%s--\r\n" % boundary).encode())
     ctype = "multipart/form-data; boundary=%s" % boundary
-    gws = [Gateway(procs, v, SERVICE, env, "service") for v in variants]
     out: Dict[str, Any] = {"image": {"source": source, "width": 1024, "height": 1024,
                                      "jpeg_bytes": len(jpeg), "request_bytes": len(body)},
-                           "runs": {"direct": []}, "ratios": {}, "overhead_ms": {}}
+                           "runs": {"direct": []}, "ratios": {}, "overhead_ms": {},
+                           "service_launch": {}}
+    gws: List[Gateway] = []
     try:
-        for gw in gws:
+        for v in variants:  # one after the other, so the launches do not compete
+            gw = Gateway(procs, v, SERVICE, env, "service")
+            gws.append(gw)
             ready = wait_ready(gw, 90)
-            log("service under %s ready %.0f ms after launch" % (gw.variant.name,
-                                                                  ready["gateway_ms"]))
+            out["service_launch"][v.name] = ready
+            log("real service under %-13s child answers %.0f ms, gateway proxies %.0f ms "
+                "after launch" % (v.name, ready["child_ms"] or -1, ready["gateway_ms"]))
             for port in (gw.fport, gw.gport):  # warm-up (first request imports, caches)
                 analyze_once(port, body, ctype)
         for i in range(runs):
@@ -721,7 +729,9 @@ def analyze_phase(procs: Processes, variants: List[Variant], env: Dict[str, str]
                 if d["ok"] and g["ok"]:
                     out["ratios"].setdefault(gw.variant.name, []).append(g["ms"] / d["ms"])
                     out["overhead_ms"].setdefault(gw.variant.name, []).append(g["ms"] - d["ms"])
-            log("analyze %d/%d done" % (i + 1, runs))
+        log("analyze: %d runs done" % runs)
+        for gw in gws:
+            out["service_launch"][gw.variant.name].update(sigint_exit(procs, gw))
     finally:
         for gw in gws:
             procs.stop(gw.proc)
@@ -757,14 +767,23 @@ def summarize(raw: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
         for target, ratios in block["time_ratios"].items():
             row[target]["time_ratio"] = spread(ratios)
         s["transfers"][direction] = row
-    for name, trials in raw.get("launch", {}).items():
+    launch_names = set(raw.get("launch", {})) | set(raw.get("load_gateway_launch", {}))
+    for name in [n for n in names if n in launch_names]:
+        trials = [dict(t, trial="dedicated") for t in raw.get("launch", {}).get(name, [])]
+        extra = raw.get("load_gateway_launch", {}).get(name)
+        if extra is not None:  # the load gateway: launched like the others, Ctrl+C after load
+            extra = dict(extra)
+            extra.update(raw.get("stop_after_load", {}).get(name) or
+                         {"exit_ms": None, "returncode": None, "child_left_running": False})
+            trials.append(extra)
         s["launch"][name] = {
+            "trials": len(trials),
             "child_ready_ms": spread([t["child_ms"] for t in trials]),
             "gateway_listening_ms": spread([t["gateway_listening_ms"] for t in trials]),
             "gateway_ready_ms": spread([t["gateway_ms"] for t in trials]),
             "gap_ms": spread([t.get("gap_ms") for t in trials]),
             "sigint_exit_ms": spread([t["exit_ms"] for t in trials]),
-            "nonzero_exits": sum(1 for t in trials if t["returncode"] != 0),
+            "nonzero_exits": sum(1 for t in trials if t["returncode"] not in (0, None)),
             "child_left_running": sum(1 for t in trials if t["child_left_running"]),
         }
     for name, stops in raw.get("stop_after_load", {}).items():
@@ -773,9 +792,14 @@ def summarize(raw: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
     if an:
         for target, runs in an["runs"].items():
             good = [r for r in runs if r["ok"]]
-            s["analyze"][target] = {"ms": spread([r["ms"] for r in good]),
-                                    "service_ms": spread([r["service_ms"] for r in good]),
-                                    "failures": len(runs) - len(good)}
+            s["analyze"][target] = {
+                "ms": spread([r["ms"] for r in good]),
+                "service_ms": spread([r["service_ms"] for r in good]),
+                # what the request cost beyond the service's own handler time: transport,
+                # waitress, Flask, and the gateway when there is one (robust to model noise)
+                "outside_handler_ms": spread([r["ms"] - r["service_ms"] for r in good
+                                              if r["service_ms"] is not None]),
+                "failures": len(runs) - len(good)}
         for target, ratios in an["ratios"].items():
             s["analyze"][target]["ratio"] = spread(ratios)
             s["analyze"][target]["overhead_ms"] = spread(an["overhead_ms"][target])
@@ -869,17 +893,18 @@ def print_report(result: Dict[str, Any]) -> None:
                     "  FAILED x%d" % r["failures"] if r["failures"] else ""))
 
     if s["launch"]:
-        w("\n-- launch and Ctrl+C (ms; %d trials each; child = bench/backend.py) --\n"
-          % result["params"]["launches"])
-        w("%-13s %-20s %-20s %-20s %-18s %-18s %s\n" % (
-            "gateway", "gw listening", "child answers", "gw proxies (ready)", "gap gw-child",
+        w("\n-- launch and Ctrl+C, ms after launch / after SIGINT (child = bench/backend.py; "
+          "trials: dedicated launches + the load gateway, whose Ctrl+C comes after all the "
+          "load) --\n")
+        w("%-17s %-20s %-20s %-20s %-18s %-18s %s\n" % (
+            "gateway (n)", "gw listening", "child answers", "gw proxies (ready)", "gap gw-child",
             "SIGINT->exit", "after load"))
         for name in names:
             la = s["launch"].get(name)
             if not la:
                 continue
-            w("%-13s %-20s %-20s %-20s %-18s %-18s %s\n" % (
-                name, fmt_spread(la.get("gateway_listening_ms")),
+            w("%-17s %-20s %-20s %-20s %-18s %-18s %s\n" % (
+                "%s (%d)" % (name, la.get("trials", 0)), fmt_spread(la.get("gateway_listening_ms")),
                 fmt_spread(la.get("child_ready_ms")), fmt_spread(la.get("gateway_ready_ms")),
                 fmt_spread(la.get("gap_ms")), fmt_spread(la.get("sigint_exit_ms")),
                 "%.0f" % la["sigint_exit_after_load_ms"]
@@ -893,15 +918,22 @@ def print_report(result: Dict[str, Any]) -> None:
         w("\n-- POST /api/deepfake/analyze, real service (production), %dx%d JPEG %d KB (%s), "
           "%d runs --\n" % (img["width"], img["height"], img["jpeg_bytes"] // 1024,
                             img["source"], result["params"]["analyze"]))
-        w("%-13s %-24s %-24s %-20s %s\n" % ("target", "latency ms", "service's own ms",
-                                            "ratio vs direct", "overhead ms"))
+        w("%-13s %-22s %-22s %-22s %-22s %s\n" % (
+            "target", "latency ms", "service's own ms", "outside handler ms",
+            "ratio vs direct", "gw - direct ms"))
         for target in ["direct"] + names:
             r = s["analyze"].get(target)
             if not r:
                 continue
-            w("%-13s %-24s %-24s %-20s %s\n" % (
+            w("%-13s %-22s %-22s %-22s %-22s %s\n" % (
                 target, fmt_spread(r["ms"], "%.1f"), fmt_spread(r["service_ms"], "%.1f"),
-                fmt_spread(r.get("ratio"), "%.3f"), fmt_spread(r.get("overhead_ms"), "%.1f")))
+                fmt_spread(r["outside_handler_ms"], "%.1f"), fmt_spread(r.get("ratio"), "%.3f"),
+                fmt_spread(r.get("overhead_ms"), "%.1f")))
+        for name, la in result["analyze"].get("service_launch", {}).items():
+            w("%-13s launch with the real service: gateway listening %s ms, child answers %s "
+              "ms, gateway proxies %s ms (gap %s ms); Ctrl+C -> exit %s ms\n" % (
+                  name, _num(la.get("gateway_listening_ms")), _num(la.get("child_ms")),
+                  _num(la.get("gateway_ms")), _num(la.get("gap_ms")), _num(la.get("exit_ms"))))
 
     w("\n-- targets --\n")
     for name, checks in result["targets"].items():
@@ -1032,19 +1064,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     raw: Dict[str, Any] = {"size": size}
     interrupted = False
     try:
+        load_phase = not {"tiny", "transfers"} <= skip
         if "launch" not in skip:
-            log("launch / Ctrl+C trials")
-            raw["launch"] = launch_trials(procs, variants, env, p["launches"])
+            # the long-lived load gateways' own launch and final Ctrl+C are trials too
+            n = p["launches"] - (1 if load_phase else 0)
+            log("launch / Ctrl+C trials (%d dedicated per gateway%s)"
+                % (n, " + the load gateway's" if load_phase else ""))
+            raw["launch"] = launch_trials(procs, variants, env, n)
 
-        if not {"tiny", "transfers"} <= skip:
-            for v in variants:
-                gateways.append(Gateway(procs, v, BACKEND, env, "load"))
-            for gw in gateways:
-                wait_ready(gw)
+        if load_phase:
+            for v in variants:  # one after the other: launches do not compete
+                gw = Gateway(procs, v, BACKEND, env, "load")
+                gateways.append(gw)
+                ready = wait_ready(gw)
+                ready["trial"] = "load gateway"
+                raw.setdefault("load_gateway_launch", {})[v.name] = ready
+                log("load gateway %-13s child %.0f ms, gateway %.0f ms after launch"
+                    % (v.name, ready["child_ms"] or -1, ready["gateway_ms"]))
             for gw in gateways:  # warm-up: imports, first connections, caches
-                loader(gw.fport, "/api/deepfake/tiny", 8, p["warmup"])
                 loader(gw.gport, "/api/deepfake/tiny", 8, p["warmup"])
-                time.sleep(0.2)
+                time.sleep(0.1)
                 raw.setdefault("upstream_keepalive_after_warmup", {})[gw.variant.name] = \
                     upstream_connections(gw)
             log("established gateway->child connections after warm-up: %s"
