@@ -283,13 +283,16 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
             if timeout_handle is not None:
                 self.io_loop.remove_timeout(timeout_handle)
 
-    def _drop_queued(self, key: object, error: BaseException) -> None:
+    def _drop_queued(self, key: object, error: BaseException | None) -> None:
+        """Take a request out of the queue; answer it with ``error`` unless None."""
         request, callback, _handle, queued_at = self.waiting[key]
         self._remove_queue_timeout(key)
         try:
             self.queue.remove((key, request, callback))
         except ValueError:
             pass
+        if error is None:
+            return
         response = HTTPResponse(
             request,
             599,
@@ -306,11 +309,13 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         if not future.cancelled():
             return
         # The caller gave up (e.g. its own client disconnected): free everything now.
+        # Nobody is waiting for an answer (and answering a cancelled future only logs
+        # "Exception after Future was cancelled"), so none is sent.
         if key in self.waiting:
-            self._drop_queued(key, HTTPStreamClosedError("Request cancelled"))
+            self._drop_queued(key, None)
         conn = self.active.get(key)
         if conn is not None:
-            conn.abort(HTTPStreamClosedError("Request cancelled"))
+            conn.abort()
 
     # ------------------------------------------------------------------ the pool
 
@@ -465,9 +470,13 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
             )
         self.io_loop.add_future(gen.convert_yielded(self.run()), lambda f: f.result())
 
-    def abort(self, error: BaseException) -> None:
-        """Finish with ``error`` now and close the stream (it is never pooled)."""
-        self._finish_error(error)
+    def abort(self) -> None:
+        """Stop now without answering: close the stream (never pooled), free the slot."""
+        self.final_callback = None
+        if self.stream is not None:
+            self.stream.close()
+        self._remove_timeout()
+        self._release()
 
     def _on_timeout(self, info: str) -> None:
         self._timeout = None
