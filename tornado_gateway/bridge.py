@@ -158,6 +158,7 @@ class PythonBridge:
             "pid": self.pid,
             "uptime_s": uptime,
             "restarts": self.restarts,
+            "auto_restart": self.config.auto_restart,
             "ready_after_ms": self.ready_after_ms,
             "last_health_check": health,
             "last_exit": self.last_exit,
