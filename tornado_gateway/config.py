@@ -62,6 +62,8 @@ class GatewayConfig:
     proxy_timeout: int = 300000  # whole proxied exchange, ms
     connect_timeout: int = 5000
     ready_wait: int = 10000  # how long a request that arrives while starting waits
+    idle_timeout: int = 60000  # idle keep-alive connection, and the whole request head, ms
+    body_timeout: int = 60000  # a request body that stalls this long is refused, ms
     mode: str = DEVELOPMENT
     flask: FlaskConfig = field(default_factory=FlaskConfig)
 
@@ -171,6 +173,8 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "proxy_timeout": ("GATEWAY_PROXY_TIMEOUT", "--proxy-timeout", _positive_ms, "gateway"),
     "connect_timeout": ("GATEWAY_CONNECT_TIMEOUT", "--connect-timeout", _positive_ms, "gateway"),
     "ready_wait": ("GATEWAY_READY_WAIT", "--ready-wait", _non_negative_int, "gateway"),
+    "idle_timeout": ("GATEWAY_IDLE_TIMEOUT", "--idle-timeout", _positive_ms, "gateway"),
+    "body_timeout": ("GATEWAY_BODY_TIMEOUT", "--body-timeout", _positive_ms, "gateway"),
     "script": ("FLASK_SCRIPT", "--flask-script", _text, "flask"),
     "flask_host": ("FLASK_HOST", "--flask-host", _host, "flask"),
     "flask_port": ("FLASK_PORT", "--flask-port", _port, "flask"),

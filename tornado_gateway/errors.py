@@ -130,6 +130,27 @@ def bad_request_path(path: str, detail: str) -> GatewayError:
     )
 
 
+def ambiguous_framing(detail: str) -> GatewayError:
+    """400 for a request whose body framing could be read two ways (request smuggling)."""
+    return GatewayError(
+        400,
+        "Bad request",
+        "The gateway refuses a request with ambiguous body framing: %s." % detail,
+        "Send either one Content-Length or Transfer-Encoding: chunked, never both.",
+    )
+
+
+def request_timeout(timeout_s: float) -> GatewayError:
+    """408 for a client that stopped sending its request body."""
+    return GatewayError(
+        408,
+        "Request timeout",
+        "The request body stalled: no bytes arrived for %g seconds." % timeout_s,
+        "Check the client's connection and retry; raise GATEWAY_BODY_TIMEOUT (milliseconds) "
+        "for very slow links.",
+    )
+
+
 def method_not_supported(method: str) -> GatewayError:
     """501 for a request method the gateway cannot forward."""
     return GatewayError(

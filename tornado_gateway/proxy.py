@@ -42,6 +42,7 @@ from typing import Any, Awaitable, Callable, Iterable, List, Optional, Tuple
 import tornado.web
 from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.queues import Queue
 
@@ -110,7 +111,7 @@ def check_target(path: str, query: str = "") -> Optional[GatewayError]:
     if "%2f" in path.lower():
         return errors.bad_request_path(shown, "encoded slashes are not allowed")
     decoded = urllib.parse.unquote(path, encoding="latin-1")
-    if _SUSPICIOUS_ENCODED.search(decoded) or "\\" in decoded or "\x00" in decoded:
+    if "\\" in decoded or "\x00" in decoded or _encoded_at_any_depth(decoded):
         return errors.bad_request_path(shown, "double-encoded characters are not allowed")
     segments = decoded.split("/")[1:]  # the path starts with "/"
     if any(seg in (".", "..") for seg in segments):
@@ -118,6 +119,19 @@ def check_target(path: str, query: str = "") -> Optional[GatewayError]:
     if any(seg == "" for seg in segments[:-1]):  # a trailing slash is fine, "//" is not
         return errors.bad_request_path(shown, "empty path segments ('//') are not allowed")
     return None
+
+
+def _encoded_at_any_depth(text: str, rounds: int = 5) -> bool:
+    """True if ``text`` hides an encoded dot, slash, backslash or NUL under any number of
+    further percent-decodings (``%2e``, ``%252e``, ``%25252e``...)."""
+    for _ in range(rounds):
+        if _SUSPICIOUS_ENCODED.search(text):
+            return True
+        decoded = urllib.parse.unquote(text, encoding="latin-1")
+        if decoded == text:
+            return False
+        text = decoded
+    return "%" in text  # still decoding after that many rounds: refuse
 
 
 def _decode_fully(text: str, rounds: int = 5) -> str:
@@ -176,6 +190,31 @@ def client_response_headers(headers: httputil.HTTPHeaders) -> List[Tuple[str, st
     """The upstream response headers to pass to the client: all but hop-by-hop, repeats kept."""
     named = connection_tokens(headers)
     return [(n, v) for n, v in headers.get_all() if not is_hop_by_hop(n, named)]
+
+
+_DIGITS = re.compile(r"^[0-9]+$")
+
+
+def check_framing(headers: httputil.HTTPHeaders) -> Optional[GatewayError]:
+    """The error to answer for a request whose body framing is ambiguous, or None.
+
+    Tornado applies the same rules, but only when it starts reading the body: after
+    ``prepare()`` has already opened the upstream exchange, so without this check the child
+    could act on a request the gateway then refuses (e.g. ``Content-Length: 0`` plus
+    ``Transfer-Encoding: chunked``). Refused: Content-Length together with
+    Transfer-Encoding, any Transfer-Encoding other than one ``chunked``, and Content-Length
+    values that are not plain digits or that disagree.
+    """
+    encodings = headers.get_list("Transfer-Encoding")
+    lengths = headers.get_list("Content-Length")
+    if encodings and lengths:
+        return errors.ambiguous_framing("both Content-Length and Transfer-Encoding")
+    if encodings and (len(encodings) != 1 or encodings[0].strip().lower() != "chunked"):
+        return errors.ambiguous_framing("Transfer-Encoding must be exactly 'chunked'")
+    pieces = [p.strip() for value in lengths for p in value.split(",")]
+    if pieces and (not all(_DIGITS.match(p) for p in pieces) or len(set(pieces)) != 1):
+        return errors.ambiguous_framing("invalid or conflicting Content-Length")
+    return None
 
 
 def declared_length(headers: httputil.HTTPHeaders) -> Optional[int]:
@@ -289,6 +328,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         self._resp_headers = httputil.HTTPHeaders()
         self._head_applied = False
         self._upstream_length_known = False
+        self._stall_timer: Optional[object] = None  # the client stopped sending its body
 
     # Nonstandard methods: Tornado dispatches to getattr(self, method.lower()).
     def __getattr__(self, name: str) -> Any:
@@ -313,7 +353,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
     async def prepare(self) -> None:
         request = self.request
         method = request.method or ""
-        error = check_target(request.path, request.query)
+        error = check_target(request.path, request.query) or check_framing(request.headers)
         if error is None and method.lower() not in {m.lower() for m in STANDARD_METHODS} \
                 and hasattr(DeepfakeProxyHandler, method.lower()):
             error = errors.method_not_supported(method)  # would dispatch to a handler method
@@ -335,7 +375,15 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         self._has_body = has_request_body(request.headers)
         self._self_framed = (self._has_body and length is None
                              and method not in _SELF_CHUNKING_METHODS)
+        # Tornado's body timeout covers the whole body, which would cut long uploads: here the
+        # body may take as long as the exchange (proxy_timeout) but may not stall longer than
+        # body_timeout while the gateway is ready to read it (the stall timer below).
+        set_body_timeout = getattr(request.connection, "set_body_timeout", None)
+        if set_body_timeout is not None:
+            set_body_timeout(None)
         self._task = asyncio.ensure_future(self._exchange())
+        if self._has_body:
+            self._arm_stall_timer()
 
     async def _usable(self) -> bool:
         """Gate on the bridge's state; answers 503 itself and returns False when not usable."""
@@ -355,6 +403,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
     async def data_received(self, chunk: bytes) -> None:
         if self._discard or self._finished:
             return
+        self._disarm_stall_timer()
         self._received += len(chunk)
         if self._received > self.config.max_body:
             self._abort_exchange("request body over the limit")
@@ -364,9 +413,11 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
                 self.request.connection.close()
             return
         await self._queue.put(chunk)  # blocks while the child is slower: back-pressure
+        self._arm_stall_timer()  # not while blocked above: a slow child is not a slow client
 
     async def _respond(self, *args: Any, **kwargs: Any) -> None:
         """Every method: the body is complete; let the producer finish, await the exchange."""
+        self._disarm_stall_timer()
         if self._task is None:
             return
         if self._has_body and not self._discard:
@@ -375,8 +426,12 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
 
     get = head = post = put = patch = delete = options = _respond  # type: ignore[assignment]
 
+    def on_finish(self) -> None:
+        self._disarm_stall_timer()
+
     def on_connection_close(self) -> None:
         super().on_connection_close()
+        self._disarm_stall_timer()
         if self._finished:
             return
         self._client_gone = True
@@ -529,6 +584,32 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         self._refuse(errors.bad_gateway(detail))
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _arm_stall_timer(self) -> None:
+        self._disarm_stall_timer()
+        if self._discard or self._finished:
+            return
+        self._stall_timer = IOLoop.current().call_later(self.config.body_timeout / 1000.0,
+                                                        self._on_body_stalled)
+
+    def _disarm_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            IOLoop.current().remove_timeout(self._stall_timer)
+            self._stall_timer = None
+
+    def _on_body_stalled(self) -> None:
+        """The client sent no body bytes for body_timeout: refuse (408) and drop it."""
+        self._stall_timer = None
+        if self._discard or self._finished:
+            return
+        timeout_s = self.config.body_timeout / 1000.0
+        log.info("%s %s: request body stalled for %g s after %d bytes; closing", self.request.method,
+                 self.request.uri, timeout_s, self._received)
+        self._abort_exchange("request body stalled")
+        if not self._headers_written:
+            self._refuse(errors.request_timeout(timeout_s), close=True)
+        else:
+            self._close_client()
 
     def _refuse(self, error: GatewayError, close: bool = False) -> None:
         """Answer ``error`` (headers not sent yet); ``close`` ends the connection after it."""

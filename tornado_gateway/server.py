@@ -118,8 +118,12 @@ async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
                   "another with GATEWAY_PORT / --port.", config.host, config.port, exc.strerror
                   or exc)
         return 1
+    # Slow clients cannot hold a connection forever: an idle connection, and a request head
+    # still incomplete, are closed after idle_timeout; a body must arrive within body_timeout
+    # (the proxy turns this into an inactivity limit, so long uploads that keep moving pass).
     server = HTTPServer(app, max_body_size=OWN_ROUTES_MAX_BODY,
-                        idle_connection_timeout=IDLE_CONNECTION_TIMEOUT_S)
+                        idle_connection_timeout=config.idle_timeout / 1000.0,
+                        body_timeout=config.body_timeout / 1000.0)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     log.info("Gateway listening on http://%s:%d (%s mode); the deepfake API is at /api/deepfake/",

@@ -81,6 +81,8 @@ def service_prod_gw(tmp_path_factory: Any):
 
 @pytest.fixture(scope="session")
 def echo_gw(tmp_path_factory: Any):
-    """The echo child behind a gateway with a 1 MiB body limit and short client timeouts."""
+    """The echo child behind a gateway with a 1 MiB body limit and short timeouts: idle 2 s,
+    body stall 1.5 s, whole proxied exchange 3 s."""
     yield from _shared(tmp_path_factory, "echo", echo_args() + [
-        "--max-body", "1M", "--proxy-timeout", "5000"], {})
+        "--max-body", "1M", "--proxy-timeout", "3000", "--idle-timeout", "2000",
+        "--body-timeout", "1500"], {})
