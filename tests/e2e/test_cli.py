@@ -229,3 +229,125 @@ def test_cli_default_script_real_service(gateway, tmp_path):
     assert child_gone(child, gw.flask_port)
     assert port_is_free(gw.port)
     assert "[Python] " in gw.output()
+
+
+@pytest.mark.timeout(40)
+def test_cli_sigint_while_the_child_is_still_starting(gateway):
+    gw = gateway("--flask-script", "tests/child_scripts/slow_start.py",
+                 env={"SLOW_START": "5"})
+    assert wait_until(lambda: (gw.status() or {}).get("service", {}).get("pid"), 10), gw.output()
+    status = gw.status()
+    assert status["service"]["state"] == "starting"
+    child = status["service"]["pid"]
+    sent = gw.send(signal.SIGINT)
+    assert gw.wait(3.0) == 0, gw.output()
+    print("SIGINT while starting -> exit 0 in %.2f s" % (time.monotonic() - sent))
+    assert child_gone(child, gw.flask_port)
+    assert "Traceback" not in gw.output()
+
+
+@pytest.mark.timeout(40)
+def test_cli_request_during_start_waits_for_ready(gateway):
+    gw = gateway("--flask-script", "tests/child_scripts/slow_start.py",
+                 env={"SLOW_START": "1.5"})
+    assert wait_until(lambda: gw.status() is not None, 10), gw.output()
+    assert gw.status()["service"]["state"] == "starting"
+    began = time.monotonic()
+    code, body = gw.get("/api/deepfake/stats", timeout=15)
+    assert code == 200 and body["model_loaded"] is True
+    assert gw.status()["service"]["state"] == "ready"
+    print("request sent while starting answered after %.2f s" % (time.monotonic() - began))
+    gw.send(signal.SIGINT)
+    assert gw.wait(3.0) == 0, gw.output()
+
+
+@pytest.mark.timeout(40)
+def test_cli_child_crash_gives_503_and_a_clean_exit(gateway):
+    gw = gateway("--flask-script", "tests/child_scripts/crasher.py")
+    child = gw.wait_ready()["service"]["pid"]
+    code, body = gw.get("/api/deepfake/crash")
+    assert code == 200 and body == {"crashing": True}
+    assert wait_until(lambda: gw.status()["service"]["state"] == "exited", 5)
+    assert not pid_alive(child)
+    service = gw.status()["service"]
+    assert service["last_exit"]["code"] == 3 and service["ready"] is False
+    assert wait_until(lambda: gw.status()["service"]["last_exit"]["stderr_tail"], 5)
+    assert gw.status()["service"]["last_exit"]["stderr_tail"][-1] == (
+        "RuntimeError: crashing on purpose (crash requested)")
+    code, body = gw.get("/api/deepfake/stats")
+    assert code == 503
+    assert set(body) >= {"error", "message", "suggestion", "timestamp"}
+    sent = gw.send(signal.SIGINT)
+    assert gw.wait(3.0) == 0, gw.output()
+    assert time.monotonic() - sent < 3.0
+    out = gw.output()
+    assert "[Python] RuntimeError: crashing on purpose (crash requested)" in out
+    assert "Flask server exited with code 3." in out
+
+
+@pytest.mark.timeout(40)
+def test_cli_import_error_is_reported_and_the_gateway_keeps_serving(gateway):
+    gw = gateway("--flask-script", "tests/child_scripts/import_error.py")
+    assert wait_until(lambda: ((gw.status() or {}).get("service", {}).get("last_exit") or {})
+                      .get("stderr_tail"), 10), gw.output()
+    service = gw.status()["service"]
+    assert service["state"] == "exited" and service["last_exit"]["code"] == 1
+    assert "ModuleNotFoundError" in service["last_exit"]["stderr_tail"][-1]
+    code, body = gw.get("/api/deepfake/stats")
+    assert code == 503 and body["error"]
+    gw.send(signal.SIGINT)
+    assert gw.wait(3.0) == 0, gw.output()
+    out = gw.output()
+    assert "[Python] ModuleNotFoundError: No module named " in out
+    assert "Troubleshooting:" in out and "pip install" in out
+
+
+@pytest.mark.timeout(40)
+def test_cli_flask_port_in_use_gateway_still_serves_and_exits_0(gateway, orphans):
+    gw = None
+    with socket.socket() as blocker:
+        port = orphans.port()
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen(1)
+        gw = gateway("--flask-script", "tests/child_scripts/healthy.py", "--flask-port",
+                     str(port))
+        assert wait_until(lambda: (gw.status() or {}).get("service", {}).get("state")
+                          == "failed", 10), gw.output()
+        service = gw.status()["service"]
+        assert service["pid"] is None
+        assert "already in use" in service["last_error"]["message"]
+        assert gw.get("/api/deepfake/stats")[0] == 503
+        gw.send(signal.SIGTERM)
+        assert gw.wait(3.0) == 0, gw.output()
+    assert "[Python]" not in gw.output()
+
+
+@pytest.mark.timeout(60)
+def test_cli_reloader_app_leaves_nothing_behind(gateway):
+    gw = gateway("--flask-script", "tests/child_scripts/reloader_app.py")
+    reloader = gw.wait_ready(timeout=30)["service"]["pid"]
+    assert wait_until(lambda: psutil.Process(reloader).children(), 5)
+    server = psutil.Process(reloader).children()[0].pid
+    assert gw.get("/api/deepfake/stats") == (200, {"training_samples": 0, "model_loaded": True,
+                                                   "last_updated": None, "pid": server})
+    sent = gw.send(signal.SIGINT)
+    assert gw.wait(3.0) == 0, gw.output()
+    print("reloader app: SIGINT -> exit 0 in %.2f s" % (time.monotonic() - sent))
+    assert child_gone(reloader, gw.flask_port)
+    assert wait_until(lambda: not pid_alive(server), 2)
+    assert port_is_free(gw.port)
+
+
+@pytest.mark.timeout(60)
+def test_cli_default_script_exits_when_the_gateway_is_sigkilled(gateway, tmp_path):
+    service = os.path.join(PROJECT_DIR, "python", "api_server.py")
+    if not os.path.isfile(service):
+        pytest.skip("python/api_server.py is not there yet")
+    gw = gateway(env={"DEEPFAKE_DATA_DIR": str(tmp_path / "data")})
+    child = gw.wait_ready(timeout=40)["service"]["pid"]
+    gw.proc.kill()
+    gw.proc.wait(5)
+    killed = time.monotonic()
+    assert child_gone(child, gw.flask_port, timeout=5.0), "service %d orphaned" % child
+    print("default script, gateway SIGKILLed: service gone after %.2f s"
+          % (time.monotonic() - killed))

@@ -360,3 +360,40 @@ async def test_auto_restart_once(orphans, sink, gwlog):
     finally:
         await bridge.stop()
     assert not any(pid_alive(p) for p in pids)
+
+
+# --- reuse ---------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+async def test_start_again_after_stop(orphans, sink, gwlog):
+    bridge = make_bridge(orphans, "healthy.py", sink)
+    try:
+        assert await bridge.start() is True
+        first = bridge.pid
+        await bridge.stop()
+        assert bridge.state is S.STOPPED and not pid_alive(first)
+        assert await bridge.start() is True
+        second = bridge.pid
+        assert second != first and pid_alive(second)
+        code, body = await fetch_json(bridge.flask_url + "/api/deepfake/stats")
+        assert code == 200 and body["pid"] == second
+        # health monitoring works again too: a SIGKILL is seen as an exit
+        os.kill(second, signal.SIGKILL)
+        assert await wait_for(lambda: bridge.state is S.EXITED, 5)
+    finally:
+        await bridge.stop()
+    assert bridge.state is S.STOPPED
+
+
+@pytest.mark.timeout(30)
+async def test_async_with_stops_the_child_on_an_exception(orphans, sink):
+    bridge = make_bridge(orphans, "healthy.py", sink)
+    pid = None
+    with pytest.raises(RuntimeError, match="boom"):
+        async with bridge:
+            assert bridge.is_flask_ready()
+            pid = bridge.pid
+            raise RuntimeError("boom")
+    assert bridge.state is S.STOPPED
+    assert pid is not None and not pid_alive(pid)
+    assert port_is_free(bridge.config.port)
