@@ -117,6 +117,22 @@ def _num(v: Optional[float], fmt: str = "%.0f") -> str:
     return "-" if v is None else fmt % v
 
 
+def cpu_seconds(pids: Dict[str, Optional[int]]) -> Dict[str, float]:
+    """user + system CPU seconds used so far by each process."""
+    import psutil
+
+    out = {}
+    for name, pid in pids.items():
+        if pid is None:
+            continue
+        try:
+            t = psutil.Process(pid).cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
 def vm_hwm_kib(pid: int) -> Optional[int]:
     """The kernel's peak-RSS high-water mark of ``pid`` (Linux), in KiB."""
     try:
@@ -574,18 +590,29 @@ def throughput(gateways: List[Gateway], conns_list: List[int], repeats: int, dur
     rotating order; each gateway's ratio is against the direct run of the same repeat."""
     path = "/api/deepfake/tiny"
     base = gateways[0]
-    targets: List[Tuple[str, int]] = [("direct", base.fport)] + [
-        (gw.variant.name, gw.gport) for gw in gateways]
+    targets: List[Tuple[str, int, Gateway]] = [("direct", base.fport, base)] + [
+        (gw.variant.name, gw.gport, gw) for gw in gateways]
     out: Dict[str, Any] = {}
     for conns in conns_list:
-        rows: Dict[str, List[Dict[str, Any]]] = {name: [] for name, _ in targets}
+        rows: Dict[str, List[Dict[str, Any]]] = {name: [] for name, _, _ in targets}
         ratios: Dict[str, List[float]] = {}
         for r in range(repeats):
             got: Dict[str, Dict[str, Any]] = {}
-            for name, port in rotation(targets, r):
-                got[name] = loader(port, path, conns, duration)
-                got[name]["repeat"] = r
-                rows[name].append(got[name])
+            for name, port, owner in rotation(targets, r):
+                # CPU seconds the gateway and its child spent during the run, per request:
+                # less sensitive to the machine's other load than requests/s
+                pids = {"gateway": owner.pid, "child": owner.child_pid()}
+                before = cpu_seconds(pids)
+                res = loader(port, path, conns, duration)
+                after = cpu_seconds(pids)
+                if res.get("requests"):
+                    for k in after:
+                        if k in before:
+                            res["%s_cpu_us_per_req" % k] = \
+                                (after[k] - before[k]) / res["requests"] * 1e6
+                res["repeat"] = r
+                got[name] = res
+                rows[name].append(res)
             d = got["direct"]
             line = "tiny GET c=%-2d rep %d/%d  direct %6.0f rps" % (conns, r + 1, repeats, d["rps"])
             for gw in gateways:
@@ -748,6 +775,10 @@ def summarize(raw: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
             row[target] = {"rps": spread([r["rps"] for r in runs]),
                            "p50_ms": spread([r["p50_ms"] for r in runs]),
                            "p99_ms": spread([r["p99_ms"] for r in runs]),
+                           "gateway_cpu_us_per_req": spread([r.get("gateway_cpu_us_per_req")
+                                                             for r in runs]),
+                           "child_cpu_us_per_req": spread([r.get("child_cpu_us_per_req")
+                                                           for r in runs]),
                            "errors": sum((r.get("non_2xx") or 0) + (r.get("socket_errors") or 0)
                                          for r in runs)}
         for target, ratios in block["ratios"].items():
@@ -858,17 +889,20 @@ def print_report(result: Dict[str, Any]) -> None:
 
     w("\n-- tiny GET /api/deepfake/tiny, %d s per run, %d repeats --\n"
       % (result["params"]["duration"], result["params"]["repeats"]))
-    w("%-6s %-13s %-24s %-22s %-22s %-20s %s\n" % ("conns", "target", "requests/s", "p50 ms",
-                                                   "p99 ms", "ratio vs direct", "errors"))
+    w("%-6s %-13s %-20s %-20s %-23s %-18s %-15s %-15s %s\n" % (
+        "conns", "target", "requests/s", "p50 ms", "p99 ms", "ratio vs direct",
+        "gw CPU us/req", "child CPU us/req", "errors"))
     for conns, row in s["tiny_get"].items():
         for target in ["direct"] + names:
             if target not in row:
                 continue
             r = row[target]
-            w("%-6s %-13s %-24s %-22s %-22s %-20s %d\n" % (
+            gcpu, ccpu = r["gateway_cpu_us_per_req"], r["child_cpu_us_per_req"]
+            w("%-6s %-13s %-20s %-20s %-23s %-18s %-15s %-15s %d\n" % (
                 conns, target, fmt_spread(r["rps"]), fmt_spread(r["p50_ms"], "%.2f"),
-                fmt_spread(r["p99_ms"], "%.2f"), fmt_spread(r.get("rps_ratio"), "%.2f"),
-                r["errors"]))
+                fmt_spread(r["p99_ms"], "%.1f"), fmt_spread(r.get("rps_ratio"), "%.2f"),
+                "%.0f" % gcpu["median"] if gcpu and target != "direct" else "-",
+                "%.0f" % ccpu["median"] if ccpu else "-", r["errors"]))
 
     if s["transfers"]:
         w("\n-- %.0f MiB streamed each way, %d repeats --\n"
