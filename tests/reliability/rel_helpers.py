@@ -384,14 +384,18 @@ class Gateway:
     def cleanup(self) -> List[int]:
         """Kill whatever of ours is left (by pid), return what had to be killed."""
         left = []
-        if self.running():
+        if self.running():  # a test that failed midway: stop it the documented way first
             self.track()
-            left.append(self.pid)
-            self.proc.kill()
+            self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(5)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                pass
+                left.append(self.pid)
+                self.proc.kill()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
         for pid in self.leftovers():
             left.append(pid)
             try:
