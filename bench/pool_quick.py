@@ -119,7 +119,8 @@ async def _worker(port: int, stop_at: float, counts: list[int]) -> None:
         writer.close()
 
 
-async def _load(port: int, concurrency: int, duration: float) -> float:
+async def _load(port: int, concurrency: int, duration: float) -> tuple[float, int]:
+    """Requests/s after a short warm-up, and the number of requests including it."""
     warm = [0]
     await asyncio.gather(
         *(_worker(port, time.monotonic() + 0.3, warm) for _ in range(concurrency))
@@ -129,7 +130,7 @@ async def _load(port: int, concurrency: int, duration: float) -> float:
     await asyncio.gather(
         *(_worker(port, start + duration, counts) for _ in range(concurrency))
     )
-    return counts[0] / (time.monotonic() - start)
+    return counts[0] / (time.monotonic() - start), warm[0] + counts[0]
 
 
 def run_load(port: int, concurrency: int, duration: float) -> None:
@@ -154,14 +155,27 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def measure(port: int, concurrency: int, duration: float) -> float:
+def cpu_seconds(pid: int) -> float:
+    import psutil  # already a gateway dependency (process trees)
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def measure(port: int, concurrency: int, duration: float, pid: int) -> tuple[float, float]:
+    """Requests/s, and CPU microseconds per request of the server process ``pid``.
+
+    CPU per request hardly depends on what else the machine is doing, unlike r/s.
+    """
+    before = cpu_seconds(pid)
     out = subprocess.run(
         [sys.executable, HERE, "load", str(port), str(concurrency), str(duration)],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
-    return float(out.strip())
+    rps, total = json.loads(out)
+    return rps, (cpu_seconds(pid) - before) / max(total, 1) * 1e6
 
 
 def main() -> None:
@@ -199,17 +213,23 @@ def main() -> None:
         procs.append(spawn("proxy", str(pool_port), str(backend_port), "pool"))
         for p in (backend_port, simple_port, pool_port):
             wait_port(p)
-        print(f"backend: waitress + {opts.app}")
+        print(f"backend: waitress + {opts.app}; cpu = server process CPU us/request")
         print(f"{'conc':>4} {'direct r/s':>11} {'simple r/s':>11} {'pool r/s':>9}"
-              f" {'simple/direct':>14} {'pool/direct':>12}")
+              f" {'simple/direct':>14} {'pool/direct':>12}"
+              f" {'cpu backend':>12} {'cpu simple':>11} {'cpu pool':>9}")
+        pids = {backend_port: procs[0].pid, simple_port: procs[1].pid,
+                pool_port: procs[2].pid}
         for c in opts.concurrency:
-            runs: dict[int, list[float]] = {backend_port: [], simple_port: [], pool_port: []}
+            runs: dict[int, list[tuple[float, float]]] = {p: [] for p in pids}
             for _ in range(opts.rounds):
-                for port in runs:
-                    runs[port].append(measure(port, c, opts.duration))
-            direct, simple, pool = (statistics.median(runs[p]) for p in runs)
+                for port, pid in pids.items():
+                    runs[port].append(measure(port, c, opts.duration, pid))
+            (direct, simple, pool), (cpu_b, cpu_s, cpu_p) = (
+                [statistics.median(r[i] for r in runs[p]) for p in pids] for i in (0, 1)
+            )
             print(f"{c:>4} {direct:>11.0f} {simple:>11.0f} {pool:>9.0f}"
-                  f" {simple / direct:>14.2f} {pool / direct:>12.2f}")
+                  f" {simple / direct:>14.2f} {pool / direct:>12.2f}"
+                  f" {cpu_b:>12.0f} {cpu_s:>11.0f} {cpu_p:>9.0f}")
     finally:
         for p in procs:
             p.terminate()
