@@ -24,6 +24,7 @@ import tornado.web
 from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.iostream import StreamClosedError
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.tcpclient import TCPClient
 from tornado.tcpserver import TCPServer
 
@@ -91,7 +92,8 @@ def bridge(echo_url) -> FakeBridge:
 
 @pytest.fixture
 def app(bridge, config):
-    configure_http_client(config)
+    # PROXY_TEST_CLIENT=tornado_gateway.pool.KeepAliveHTTPClient runs the suite on the pool
+    configure_http_client(config, impl=os.environ.get("PROXY_TEST_CLIENT") or None)
     return tornado.web.Application(proxy_routes(bridge, config))
 
 
@@ -184,7 +186,12 @@ def assert_error(code: int, headers, body: bytes, status: int) -> dict:
 
 
 async def echo_get(echo_url: str, path: str) -> Any:
-    response = await AsyncHTTPClient().fetch(echo_url + path)
+    """Ask the echo directly, on a fresh connection (SimpleAsyncHTTPClient: no keep-alive)."""
+    client = SimpleAsyncHTTPClient(force_instance=True)
+    try:
+        response = await client.fetch(echo_url + path)
+    finally:
+        client.close()
     return json.loads(response.body)
 
 
@@ -639,13 +646,22 @@ async def test_client_disconnect_mid_chunked_upload_aborts_upstream(gw_port, ech
     assert len(events) == 1 and events[0]["complete"] is False
 
 
-async def test_client_disconnect_mid_download_then_gateway_still_serves(gw_port,
-                                                                        http_server_client):
+async def test_client_disconnect_mid_download_stops_upstream(gw_port, http_server_client,
+                                                             echo_url):
+    marker = uuid.uuid4().hex
     stream = await TCPClient().connect("127.0.0.1", gw_port)
-    await stream.write(b"GET /api/deepfake/download?size=2000000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await stream.write(("GET /api/deepfake/download?size=2000000000&m=%s HTTP/1.1\r\n"
+                        "Host: x\r\n\r\n" % marker).encode())
     await stream.read_bytes(1 << 20, partial=False)
     stream.close()
-    await asyncio.sleep(0.2)
+    events = [e for e in await wait_for_events(echo_url, marker) if e.get("download_aborted")]
+    deadline = time.monotonic() + 5
+    while not events and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        events = [e for e in await wait_for_events(echo_url, marker)
+                  if e.get("download_aborted")]
+    assert events, "the upstream kept sending after the client left"
+    assert events[0]["sent"] < 2000000000
     response = await fetch(http_server_client, "/api/deepfake/x")
     assert response.code == 200
 

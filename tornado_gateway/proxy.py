@@ -365,7 +365,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             # Answer before reading anything; Tornado closes the connection after the answer
             # instead of reading the body (and must not refuse it with its own bare 400 first).
             request.connection.set_max_body_size(length)
-            self._refuse(errors.payload_too_large(length, self.config.max_body), close=True)
+            self._refuse(errors.payload_too_large(length, self.config.max_body))
             return
         request.connection.set_max_body_size(self.config.max_body + BODY_LIMIT_SLACK)
         # Waiting here, before prepare() returns, means Tornado reads none of the body yet:
@@ -408,7 +408,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         if self._received > self.config.max_body:
             self._abort_exchange("request body over the limit")
             if not self._headers_written and not self._finished:
-                self._refuse(errors.payload_too_large(None, self.config.max_body), close=True)
+                self._refuse(errors.payload_too_large(None, self.config.max_body))
             else:
                 self.request.connection.close()
             return
@@ -526,8 +526,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             response = await self._fetch
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
+            if task is not None and getattr(task, "cancelling", lambda: 0)():
+                raise  # our own task is being cancelled (shutdown): let it go
             failure = ProxyAborted("cancelled")
         except Exception as exc:  # connection errors and timeouts arrive as exceptions
             failure = exc
@@ -607,20 +607,18 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
                  self.request.uri, timeout_s, self._received)
         self._abort_exchange("request body stalled")
         if not self._headers_written:
-            self._refuse(errors.request_timeout(timeout_s), close=True)
+            self._refuse(errors.request_timeout(timeout_s))
         else:
             self._close_client()
 
-    def _refuse(self, error: GatewayError, close: bool = False) -> None:
-        """Answer ``error`` (headers not sent yet); ``close`` ends the connection after it."""
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer ``error`` (headers not sent yet). When the request body has not been read to
+        its end, Tornado closes the connection after this answer instead of reading the rest."""
         if self._finished:
             return
         self._discard = True
         try:
             write_error_response(self, error)
-            if close:
-                # Tornado closes after this answer when the body was not read to its end.
-                pass
         except Exception as exc:
             log.debug("could not answer %d: %s", error.status, exc)
             self._close_client()

@@ -20,7 +20,8 @@ Routes (everything lives under ``/api/deepfake``):
   reader, to exercise upload back-pressure).
 * ``/api/deepfake/_events`` -> JSON list of the requests seen so far, each
   ``{"method", "target", "complete", "received"}``: an upload cut short shows
-  ``complete: false``. ``/api/deepfake/_connections`` -> ``{"connections": N}`` accepted.
+  ``complete: false``; a download whose reader went away adds
+  ``{"method", "target", "download_aborted": true, "sent"}``. ``/api/deepfake/_connections`` -> ``{"connections": N}`` accepted.
 * anything else under the prefix echoes: JSON ``{"method", "target" (raw path and query),
   "headers" ([name, value] pairs in order), "body_length", "body_sha256"}``.
 
@@ -211,16 +212,22 @@ class EchoHandler(http.server.BaseHTTPRequestHandler):
             return
         block = b"x" * CHUNK
         left = size
-        while left:
-            n = min(left, CHUNK)
-            data = block if n == CHUNK else block[:n]
+        try:
+            while left:
+                n = min(left, CHUNK)
+                data = block if n == CHUNK else block[:n]
+                if chunked:
+                    self.wfile.write(b"%x\r\n" % n + data + b"\r\n")
+                else:
+                    self.wfile.write(data)
+                left -= n
             if chunked:
-                self.wfile.write(b"%x\r\n" % n + data + b"\r\n")
-            else:
-                self.wfile.write(data)
-            left -= n
-        if chunked:
-            self.wfile.write(b"0\r\n\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the reader went away: record how far the download got
+            with _LOCK:
+                _EVENTS.append({"method": self.command, "target": self.path,
+                                "download_aborted": True, "sent": size - left})
+            self.close_connection = True
 
 
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
