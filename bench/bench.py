@@ -424,11 +424,26 @@ def parse_wrk(out: str) -> Dict[str, Any]:
     return res
 
 
+def bounded_output(argv: List[str], timeout: float) -> str:
+    """Run a load generator for at most ``timeout`` s; its stdout. Killed and reaped on any
+    exit path (timeout, Ctrl+C)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError("%s failed (%s): %s" % (argv[0], proc.returncode, err[-2000:]))
+    return out
+
+
 def run_wrk(port: int, path: str, conns: int, duration: int) -> Dict[str, Any]:
     threads = max(1, min(conns, 2))
     argv = ["wrk", "-t%d" % threads, "-c%d" % conns, "-d%ds" % duration, "--latency",
             "--timeout", "5s", "http://%s:%d%s" % (HOST, port, path)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 20).stdout
+    out = bounded_output(argv, duration + 20)
     res = parse_wrk(out)
     if res["rps"] is None:
         raise RuntimeError("wrk output not understood:\n" + out)
@@ -475,10 +490,7 @@ def run_asyncio_load(port: int, path: str, conns: int, duration: int) -> Dict[st
     """The fallback load generator, in its own process (not this process's event loop)."""
     argv = [PY, os.path.abspath(__file__), "--_loadgen", str(port), path, str(conns),
             str(duration)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
-    if out.returncode != 0:
-        raise RuntimeError("load generator failed: " + out.stderr[-2000:])
-    return json.loads(out.stdout)
+    return json.loads(bounded_output(argv, duration + 30))
 
 
 # ============================================================================ phases
@@ -1047,6 +1059,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     def on_term(_sig: int, _frame: Any) -> None:
         raise KeyboardInterrupt()
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
 
     os.makedirs(RESULTS_DIR, exist_ok=True)
     log_dir = os.path.join(RESULTS_DIR, "logs")
@@ -1097,6 +1110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     gateways: List[Gateway] = []
     raw: Dict[str, Any] = {"size": size}
     interrupted = False
+    failure: Optional[str] = None
     try:
         load_phase = not {"tiny", "transfers"} <= skip
         if "launch" not in skip:
@@ -1143,6 +1157,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything")
+    except Exception as exc:  # report what was measured, then fail
+        import traceback
+
+        failure = "%s: %s" % (type(exc).__name__, exc)
+        traceback.print_exc()
+        log("failed: %s; stopping everything" % failure)
     finally:
         procs.cleanup()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -1151,13 +1171,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     result["environment"]["loadavg_after"] = list(os.getloadavg())
     result["summary"] = summarize(raw, names)
     result["targets"] = check_targets(result["summary"], names)
-    result["notes"] = notes + (["INTERRUPTED: partial results"] if interrupted else [])
+    result["notes"] = notes + (["INTERRUPTED: partial results"] if interrupted else []) + (
+        ["FAILED (%s): partial results" % failure] if failure else [])
     result["elapsed_s"] = time.monotonic() - started
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print_report(result)
-    return 130 if interrupted else 0
+    return 130 if interrupted else (1 if failure else 0)
 
 
 if __name__ == "__main__":
