@@ -159,3 +159,30 @@ def test_gateway_sigkilled_child_and_grandchild_exit_and_free_the_port(gateways,
                "the orphaned service processes to exit by themselves")
     wait_until(lambda: port_is_free(gw.flask_port), 5, "the child's port to be free")
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(40)
+def test_sigterm_with_transfers_in_flight_exits_0_and_cuts_them_honestly(gateways):
+    gw = gateways(echo_args())
+    download = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    upload = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    try:
+        download.sendall(b"GET /api/deepfake/download?size=536870912 HTTP/1.1\r\nHost: t\r\n\r\n")
+        first = download.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        upload.sendall(b"POST /api/deepfake/up HTTP/1.1\r\nHost: t\r\nContent-Length: 900000"
+                       b"\r\n\r\n" + b"a" * 1000)
+        time.sleep(0.3)
+        gw.track()
+        started = time.monotonic()
+        assert gw.interrupt(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 5
+        rest = read_http_response(_Prefixed(download, first), timeout=5)
+        assert not rest["complete"] and rest["closed"]
+        cut = read_http_response(upload, timeout=5)
+        assert cut["status"] in (None, 502, 503) and cut["closed"], cut
+    finally:
+        download.close()
+        upload.close()
+    assert gw.leftovers() == []
+    assert "Received SIGTERM: shutting down" in gw.log()
