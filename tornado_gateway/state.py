@@ -42,9 +42,10 @@ TRANSITIONS: dict[BridgeState, frozenset[BridgeState]] = {
     S.UNHEALTHY: frozenset({S.READY, S.EXITED, S.STOPPING}),
     # a failed start may still have a live process (health timeout): it can exit or recover
     S.FAILED: frozenset({S.STARTING, S.READY, S.EXITED, S.STOPPING}),
-    S.EXITED: frozenset({S.STARTING, S.STOPPING}),
+    # start() again (a restart) can find a bad environment before spawning, as from idle
+    S.EXITED: frozenset({S.STARTING, S.FAILED, S.STOPPING}),
     S.STOPPING: frozenset({S.STOPPED}),
-    S.STOPPED: frozenset({S.STARTING}),
+    S.STOPPED: frozenset({S.STARTING, S.FAILED}),
 }
 
 # States in which no request will be served soon without someone acting.

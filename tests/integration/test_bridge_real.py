@@ -218,13 +218,17 @@ async def test_never_healthy_fails_after_the_retries(orphans, sink, gwlog):
         took = time.monotonic() - began
         assert bridge.state is S.FAILED
         assert took < 5.0  # 3 checks 100 ms apart (+ start-up), far below the 10 s timeout
-        assert bridge.last_health.detail == "health check answered HTTP 500"
-        assert bridge.last_error["message"] == (
-            "The Flask server did not become healthy within 10 s (3 checks; last: health "
-            "check answered HTTP 500).")
+        # on a loaded machine the interpreter may still be starting at the 3rd check
+        assert bridge.last_error["message"] in [
+            "The Flask server did not become healthy within 10 s (3 checks; last: %s)." % d
+            for d in ("health check answered HTTP 500",
+                      "connection refused (nothing listening yet)")]
         assert any("did not become healthy" in m
                    for m in messages(gwlog, level=logging.WARNING))
-        assert pid_alive(bridge.pid)  # not killed: health checks go on
+        assert pid_alive(bridge.pid)  # not killed: health checks go on, and see the 500
+        assert await wait_for(
+            lambda: bridge.last_health.detail == "health check answered HTTP 500", 5)
+        assert bridge.state is S.FAILED
     finally:
         await bridge.stop()
     assert bridge.state is S.STOPPED
@@ -240,7 +244,7 @@ async def test_never_healthy_fails_at_the_timeout(orphans, sink, gwlog):
         assert await bridge.start() is False
         took = time.monotonic() - began
         assert bridge.state is S.FAILED
-        assert 0.8 <= took < 2.0, took
+        assert 0.8 <= took < 3.0, took
         assert bridge.last_error["message"].startswith(
             "The Flask server did not become healthy within 0.8 s")
         assert any("did not become healthy" in m
@@ -397,3 +401,49 @@ async def test_async_with_stops_the_child_on_an_exception(orphans, sink):
     assert bridge.state is S.STOPPED
     assert pid is not None and not pid_alive(pid)
     assert port_is_free(bridge.config.port)
+
+
+@pytest.mark.timeout(30)
+async def test_start_after_stop_with_the_port_taken_fails_cleanly(orphans, sink, gwlog):
+    """start() never raises for an environment problem, also on a second start (stopped ->
+    failed): it used to raise InvalidTransition("stopped -> failed")."""
+    bridge = make_bridge(orphans, "healthy.py", sink)
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers
+    try:
+        assert await bridge.start() is True
+        await bridge.stop()
+        blocker.bind(("127.0.0.1", bridge.config.port))
+        blocker.listen(1)
+        assert await bridge.start() is False
+        assert bridge.state is S.FAILED and bridge.pid is None
+        assert "already in use" in bridge.last_error["message"]
+    finally:
+        blocker.close()
+        await bridge.stop()
+    assert bridge.state is S.STOPPED
+
+
+@pytest.mark.timeout(30)
+async def test_auto_restart_that_finds_the_port_taken_is_failed(orphans, sink, gwlog):
+    """The restart (0.5 s after the crash) finds the port taken by someone else: ``failed``
+    with the reason, not an InvalidTransition("exited -> failed") in a background task."""
+    bridge = make_bridge(orphans, "crasher.py", sink, auto_restart=1)
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        assert await bridge.start() is True
+        code, _ = await fetch_json(bridge.flask_url + "/api/deepfake/crash")
+        assert code == 200
+        assert await wait_for(lambda: bridge.state is S.EXITED, 5)
+        blocker.bind(("127.0.0.1", bridge.config.port))
+        blocker.listen(1)
+        assert await wait_for(lambda: bridge.state is S.FAILED, 5), bridge.status()
+        assert bridge.restarts == 1 and bridge.pid is None
+        assert "already in use" in bridge.last_error["message"]
+        assert not any(r.exc_info for r in gwlog.records)
+        assert not any("InvalidTransition" in m for m in messages(gwlog, "")), \
+            messages(gwlog, "")
+    finally:
+        blocker.close()
+        await bridge.stop()

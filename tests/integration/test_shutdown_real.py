@@ -133,3 +133,26 @@ async def test_reloader_killed_alone_leaves_no_orphan_after_stop(orphans, sink, 
             "to process group %d" % (reloader, reloader)) in messages(gwlog, level=logging.WARNING)
     await bridge.stop()
     assert bridge.state is S.STOPPED
+
+
+@pytest.mark.timeout(40)
+async def test_auto_restart_after_the_reloader_is_killed_gets_the_port_back(orphans, sink, gwlog):
+    """The orphaned grandchild would keep the port and make the restart fail with "port in
+    use"; killed at the reloader's exit, the restart binds the port and becomes ready."""
+    bridge = make_bridge(orphans, "reloader_app.py", sink, health_timeout=15000,
+                         health_retries=200, auto_restart=1)
+    try:
+        assert await bridge.start() is True
+        first = bridge.pid
+        assert await wait_for(lambda: reloader_tree(first), 5)
+        old_server = reloader_tree(first)[0].pid
+        os.kill(first, signal.SIGKILL)
+        assert await wait_for(lambda: bridge.state is S.EXITED, 5)
+        assert await wait_for(lambda: bridge.restarts == 1 and bridge.state is S.READY, 20), \
+            bridge.status()
+        assert bridge.pid != first and not pid_alive(old_server)
+        assert bridge.last_error is None
+    finally:
+        await bridge.stop()
+    assert bridge.state is S.STOPPED
+    assert await wait_for(lambda: port_is_free(bridge.config.port), 2)
