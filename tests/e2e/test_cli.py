@@ -74,8 +74,13 @@ class Gateway:
         raise AssertionError("not ready in %g s: %s\n%s" % (timeout, self.status(),
                                                             self.output()))
 
-    def send(self, sig: int) -> float:
-        self.proc.send_signal(sig)
+    def send(self, sig: int, group: bool = False) -> float:
+        """Signal the gateway; ``group``: its whole process group, as Ctrl+C in a terminal
+        does (the child has its own session, so only the gateway gets it)."""
+        if group:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
         return time.monotonic()
 
     def wait(self, timeout: float) -> Optional[int]:
@@ -116,7 +121,10 @@ def child_gone(pid: int, port: int, timeout: float = 3.0) -> bool:
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_cli_serves_proxies_and_exits_0_on_signal(gateway, sig):
-    gw = gateway("--flask-script", "tests/child_scripts/healthy.py")
+    if sig == signal.SIGINT:
+        gw = gateway("--flask-script", "tests/child_scripts/healthy.py")
+    else:  # the same settings from the environment
+        gw = gateway(env={"FLASK_SCRIPT": "tests/child_scripts/healthy.py"})
     status = gw.wait_ready()
     child = status["service"]["pid"]
     assert pid_alive(child)
@@ -129,7 +137,7 @@ def test_cli_serves_proxies_and_exits_0_on_signal(gateway, sig):
     assert code == 200
     assert body == {"training_samples": 0, "model_loaded": True, "last_updated": None,
                     "pid": child}
-    sent = gw.send(sig)
+    sent = gw.send(sig, group=sig == signal.SIGINT)  # SIGINT as Ctrl+C sends it
     assert gw.wait(3.0) == 0, gw.output()
     took = time.monotonic() - sent
     print("%s: launch -> ready %.2f s, signal -> exit 0 in %.2f s" % (
@@ -351,3 +359,19 @@ def test_cli_default_script_exits_when_the_gateway_is_sigkilled(gateway, tmp_pat
     assert child_gone(child, gw.flask_port, timeout=5.0), "service %d orphaned" % child
     print("default script, gateway SIGKILLed: service gone after %.2f s"
           % (time.monotonic() - killed))
+
+
+@pytest.mark.timeout(40)
+def test_cli_production_mode_is_quiet_but_shows_the_child(gateway):
+    gw = gateway("--flask-script", "tests/child_scripts/healthy.py", "--production")
+    status = gw.wait_ready()
+    assert status["gateway"]["mode"] == "production"
+    child = status["service"]["pid"]
+    env = psutil.Process(child).environ()
+    assert env["GATEWAY_ENV"] == "production" and env["FLASK_DEBUG"] == "0"
+    gw.send(signal.SIGINT)
+    assert gw.wait(3.0) == 0, gw.output()
+    out = gw.output()
+    assert "[Python] healthy: listening on" in out
+    assert " INFO " not in out.replace("INFO    [Python]", "")  # only the child's lines
+    assert "Flask server ready" not in out
