@@ -62,6 +62,7 @@ class GatewayConfig:
     proxy_timeout: int = 300000  # whole proxied exchange, ms
     connect_timeout: int = 5000
     ready_wait: int = 10000  # how long a request that arrives while starting waits
+    upstream: str = "keepalive"  # HTTP client to the child: "keepalive" pool or "simple"
     idle_timeout: int = 60000  # idle keep-alive connection, and the whole request head, ms
     body_timeout: int = 60000  # a request body that stalls this long is refused, ms
     mode: str = DEVELOPMENT
@@ -158,6 +159,13 @@ def _url(raw: str) -> str:
     return value.rstrip("/")
 
 
+def _upstream(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("keepalive", "simple"):
+        raise ValueError("must be 'keepalive' or 'simple'")
+    return value
+
+
 def _text(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -173,6 +181,7 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "proxy_timeout": ("GATEWAY_PROXY_TIMEOUT", "--proxy-timeout", _positive_ms, "gateway"),
     "connect_timeout": ("GATEWAY_CONNECT_TIMEOUT", "--connect-timeout", _positive_ms, "gateway"),
     "ready_wait": ("GATEWAY_READY_WAIT", "--ready-wait", _non_negative_int, "gateway"),
+    "upstream": ("GATEWAY_UPSTREAM", "--upstream", _upstream, "gateway"),
     "idle_timeout": ("GATEWAY_IDLE_TIMEOUT", "--idle-timeout", _positive_ms, "gateway"),
     "body_timeout": ("GATEWAY_BODY_TIMEOUT", "--body-timeout", _positive_ms, "gateway"),
     "script": ("FLASK_SCRIPT", "--flask-script", _text, "flask"),

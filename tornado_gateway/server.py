@@ -14,6 +14,7 @@ import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
+from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -76,6 +77,24 @@ class SignalCatcher:
         self._previous.clear()
 
 
+UPSTREAM_CLIENTS = {
+    # upstream keep-alive: no new TCP connection (and TIME_WAIT socket) per proxied request
+    "keepalive": "tornado_gateway.pool.KeepAliveHTTPClient",
+    "simple": "tornado.simple_httpclient.SimpleAsyncHTTPClient",
+}
+# below waitress's default channel_timeout (120 s) and werkzeug's, so the gateway closes an
+# idle upstream connection before the child does
+UPSTREAM_IDLE_TIMEOUT_S = 4.0
+
+
+def configure_upstream_client(config: GatewayConfig) -> None:
+    """Select the proxy's HTTP client from ``config.upstream`` and size it for streaming."""
+    impl = UPSTREAM_CLIENTS[config.upstream]
+    AsyncHTTPClient.configure(None)  # drop settings meant for another implementation
+    extra = {"idle_timeout": UPSTREAM_IDLE_TIMEOUT_S} if config.upstream == "keepalive" else {}
+    configure_http_client(config, impl=impl, **extra)
+
+
 def log_level_for(mode: str) -> int:
     """Verbose in development; warnings and errors only in production (design property 11)."""
     return logging.WARNING if mode == PRODUCTION else logging.DEBUG
@@ -94,6 +113,9 @@ def configure_logging(mode: str, stream: Any = None) -> None:
     # the child's own output is shown in both modes: its verbosity is the child's to choose
     logging.getLogger("tornado_gateway.python").setLevel(logging.INFO)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    # the proxy logs each exchange itself (with sizes); the web page polls the status
+    # endpoint every few seconds: Tornado's per-request access lines would only be noise
+    logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
 async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
@@ -109,7 +131,7 @@ async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
     loop = asyncio.get_running_loop()
     bridge = bridge or PythonBridge(config.flask)
     stop_event = stop_event or asyncio.Event()
-    configure_http_client(config)
+    configure_upstream_client(config)
     app = make_app(bridge, config)
     try:
         sockets = bind_sockets(config.port, config.host)
