@@ -583,6 +583,15 @@ async def test_502_when_refused(http_server_client, bridge):
     assert len(bridge.failures) == 1
 
 
+async def test_502_when_upstream_drops_the_connection_before_answering(
+        http_server_client, bridge, counting_upstream):
+    bridge.flask_url = counting_upstream.url  # accepts, then closes without a byte
+    response = await fetch(http_server_client, "/api/deepfake/predict")
+    assert_error(response.code, response.headers, response.body, 502)
+    assert counting_upstream.connections == 1
+    assert len(bridge.failures) == 1
+
+
 @pytest.mark.parametrize("config_overrides", [dict(proxy_timeout=400)])
 async def test_504_when_upstream_too_slow(config_overrides, http_server_client, bridge):
     t0 = time.monotonic()
@@ -664,6 +673,41 @@ async def test_client_disconnect_mid_download_stops_upstream(gw_port, http_serve
     assert events[0]["sent"] < 2000000000
     response = await fetch(http_server_client, "/api/deepfake/x")
     assert response.code == 200
+
+
+class _Hang(tornado.web.RequestHandler):
+    """An upstream that thinks for 5 s and notes when its client (the proxy) leaves."""
+
+    def initialize(self, closed: list) -> None:
+        self.closed = closed
+
+    async def get(self) -> None:
+        await asyncio.sleep(5)
+        self.write("late")
+
+    def on_connection_close(self) -> None:
+        self.closed.append(time.monotonic())
+
+
+async def test_client_leaving_while_upstream_thinks_closes_upstream(gw_port, bridge):
+    closed: list = []
+    port = free_port()
+    upstream = tornado.web.Application([(r"/.*", _Hang, dict(closed=closed))]).listen(
+        port, "127.0.0.1")
+    try:
+        bridge.flask_url = "http://127.0.0.1:%d" % port
+        stream = await TCPClient().connect("127.0.0.1", gw_port)
+        await stream.write(b"GET /api/deepfake/hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.3)
+        left = time.monotonic()
+        stream.close()
+        deadline = left + 2
+        while not closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert closed, "the upstream request outlived its client"
+        assert closed[0] - left < 1
+    finally:
+        upstream.stop()
 
 
 # --- memory: 1 GiB up and 1 GiB down through a gateway process -----------------------------

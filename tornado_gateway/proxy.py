@@ -45,6 +45,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HT
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.queues import Queue
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from . import errors
 from .config import GatewayConfig
@@ -456,6 +457,20 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
                 item = b"%x\r\n%s\r\n" % (len(item), item)
             await write(item)
 
+    def _cancel_hook(self) -> Optional[Callable[[Any], None]]:
+        """For a bodiless request on ``SimpleAsyncHTTPClient`` (which ignores ``cancel()``),
+        a body producer that writes nothing and only keeps the upstream connection's
+        ``write``, so that a client who leaves while the child is still thinking closes the
+        upstream connection at once. Other clients (the keep-alive pool) get None: they
+        cancel on ``future.cancel()``, and may retry a bodiless request on a stale connection,
+        which they must not do for a body producer."""
+        if not isinstance(AsyncHTTPClient(), SimpleAsyncHTTPClient):
+            return None
+
+        def capture(write: Any) -> None:
+            self._upstream_write = write
+        return capture
+
     def _on_header_line(self, line: str) -> None:
         if self._aborted:
             raise ProxyAborted("client went away")
@@ -510,7 +525,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             self.bridge.flask_url + request.uri,
             method=method,
             headers=headers,
-            body_producer=self._produce if self._has_body else None,
+            body_producer=self._produce if self._has_body else self._cancel_hook(),
             header_callback=self._on_header_line,
             streaming_callback=self._on_chunk,
             decompress_response=False,
