@@ -411,3 +411,49 @@ def test_health_status_snapshot_is_iso_utc(gw_fakes):
     bridge.last_health = HealthResult(False, "x", 12.345, at=0.0)
     assert bridge.status()["last_health_check"] == {
         "at": "1970-01-01T00:00:00.000Z", "ok": False, "latency_ms": 12.35, "detail": "x"}
+
+
+@pytest.mark.parametrize("before", ["stopped", "exited"])
+def test_start_again_with_a_bad_environment_fails_cleanly(gw_fakes, before):
+    # a restart (after stop(), or after the child exited) that finds the port taken must end in
+    # "failed" with advice, like a first start, not raise InvalidTransition
+    control = gw_fakes.FakeControl()
+    bridge = gw_fakes.make_bridge(control)
+    busy = {"now": False}
+    bridge._port_in_use = lambda host, port: busy["now"]
+
+    async def main():
+        assert await bridge.start()
+        if before == "stopped":
+            await bridge.stop()
+        else:
+            control.exit(1)
+        busy["now"] = True
+        ok = await bridge.start()
+        await bridge.stop()
+        return ok
+
+    assert asyncio.run(main()) is False
+    assert bridge.last_error and "already in use" in bridge.last_error["message"]
+    assert (S.STOPPED if before == "stopped" else S.EXITED, S.FAILED) in [
+        (a, b) for a, b, _ in bridge.history]
+
+
+def test_no_health_checks_against_an_exited_child(gw_fakes):
+    control = gw_fakes.FakeControl()
+    checker = gw_fakes.FakeChecker([True])
+    bridge = gw_fakes.make_bridge(control, checker, health_interval=1)
+
+    async def main():
+        assert await bridge.start()
+        await until(lambda: checker.calls >= 3)  # the monitor is checking
+        control.exit(1)
+        await asyncio.sleep(0.01)
+        after_exit = checker.calls
+        await asyncio.sleep(0.05)
+        later = checker.calls
+        await bridge.stop()
+        return after_exit, later
+
+    after_exit, later = asyncio.run(main())
+    assert later == after_exit and bridge.state is S.EXITED
