@@ -35,9 +35,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# what the gateway's health checks send; their 2xx answers are not logged (one every 500 ms)
+HEALTH_PROBE_AGENT = "tornado_gateway-health"
+
+
+def quiet_health_checks_handler():
+    """Werkzeug's request handler, minus the access-log line of each successful health check."""
+    from werkzeug.serving import WSGIRequestHandler
+
+    class QuietHealthChecks(WSGIRequestHandler):
+        def log_request(self, code: object = "-", size: object = "-") -> None:
+            if (str(code).startswith("2")
+                    and self.headers.get("User-Agent", "").startswith(HEALTH_PROBE_AGENT)):
+                return
+            super().log_request(code, size)
+
+    return QuietHealthChecks
+
+
 def main(argv: list[str] | None = None) -> int:
+    # under the gateway every line already gets a timestamp and the [Python] prefix
+    under_gateway = bool(os.environ.get("TORNADO_GATEWAY_PID"))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=("" if under_gateway else "%(asctime)s ")
+                        + "%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     config = load_config(data_dir=args.data_dir, env=args.env)
     watch_from_environment()
@@ -68,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("deepfake service listening on %s (development, Flask debug server, data "
                  "in %s)", url, config.data_dir)
         app.run(host=args.host, port=args.port, debug=True, use_debugger=False,
-                use_reloader=args.reload, threaded=True)
+                use_reloader=args.reload, threaded=True,
+                request_handler=quiet_health_checks_handler())
     return 0
 
 
