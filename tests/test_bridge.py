@@ -451,9 +451,9 @@ def test_no_health_checks_against_an_exited_child(gw_fakes):
         await asyncio.sleep(0.01)
         after_exit = checker.calls
         await asyncio.sleep(0.05)
-        later = checker.calls
+        later, state = checker.calls, bridge.state
         await bridge.stop()
-        return after_exit, later
+        return after_exit, later, state
 
-    after_exit, later = asyncio.run(main())
-    assert later == after_exit and bridge.state is S.EXITED
+    after_exit, later, state = asyncio.run(main())
+    assert later == after_exit and state is S.EXITED
