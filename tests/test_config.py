@@ -161,3 +161,17 @@ def test_default_python_is_own_interpreter():
 
     assert default_python() == sys.executable
     assert FlaskConfig(url="http://h:1/").base_url == "http://h:1"
+
+
+@pytest.mark.parametrize("host,url", [
+    ("0.0.0.0", "http://127.0.0.1:5001"),
+    ("::", "http://[::1]:5001"),
+    ("10.0.0.5", "http://10.0.0.5:5001"),
+    ("localhost", "http://localhost:5001"),
+])
+def test_base_url_never_targets_a_wildcard_address(host, url):
+    # the child may bind every interface, but the gateway connects to one address; Windows
+    # refuses connections to 0.0.0.0
+    cfg, warnings = load({"FLASK_HOST": host})
+    assert warnings == [] and cfg.flask.host == host
+    assert cfg.flask.base_url == url

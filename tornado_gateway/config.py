@@ -46,7 +46,9 @@ class FlaskConfig:
     def base_url(self) -> str:
         if self.url:
             return self.url.rstrip("/")
-        host = self.host
+        # the child binds FLASK_HOST; the gateway connects to it. A wildcard bind address is
+        # not a destination (Windows refuses to connect to 0.0.0.0): use the loopback instead
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         if ":" in host:  # IPv6 literal
             host = "[%s]" % host
         return "http://%s:%d" % (host, self.port)
