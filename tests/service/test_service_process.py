@@ -133,3 +133,19 @@ def test_the_service_exits_when_its_gateway_is_gone(tmp_path, mode) -> None:
         gateway.wait()
         log = service.stop()
     assert "gateway process %d is gone" % gateway.pid in log
+
+
+@pytest.mark.timeout(60)
+def test_development_log_omits_the_gateways_health_checks_only(tmp_path) -> None:
+    service = Service(tmp_path, "development")
+    try:
+        service.wait_ready()
+        for agent in ["tornado_gateway-health"] * 3 + ["curl/8"]:
+            req = urllib.request.Request(service.url + "/stats?probe=marked",
+                                         headers={"User-Agent": agent})
+            with urllib.request.urlopen(req, timeout=10) as response:
+                assert response.status == 200
+    finally:
+        output = service.stop()
+    # the three health checks leave no line; the same request from anyone else does
+    assert output.count("/stats?probe=marked") == 1, output
