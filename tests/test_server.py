@@ -68,6 +68,31 @@ def test_signal_catcher_restores_exactly_the_previous_handlers(keep_signals, pla
     assert signal.getsignal(signal.SIGTERM) is custom_handler
 
 
+def test_signal_catcher_gives_back_the_host_loop_signal_handler(keep_signals):
+    # an embedding program that registered its own loop.add_signal_handler keeps it after the
+    # gateway's serve() returns: a SIGTERM still reaches it
+    async def main():
+        loop = asyncio.get_running_loop()
+        host, gateway = [], []
+        loop.add_signal_handler(signal.SIGTERM, host.append, "host")
+        try:
+            before = signal.getsignal(signal.SIGTERM)
+            catcher = SignalCatcher(loop, gateway.append, platform="linux")
+            catcher.install()
+            signal.raise_signal(signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            catcher.restore()
+            assert signal.getsignal(signal.SIGTERM) is before
+            signal.raise_signal(signal.SIGTERM)
+            await asyncio.sleep(0.05)
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+        return host, gateway
+
+    host, gateway = asyncio.run(main())
+    assert gateway == [signal.SIGTERM] and host == ["host"]
+
+
 def test_signal_catcher_does_nothing_outside_the_main_thread(keep_signals):
     before = signal.getsignal(signal.SIGINT)
     result = []

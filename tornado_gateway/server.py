@@ -51,6 +51,7 @@ class SignalCatcher:
         self._platform = platform
         self._previous: Dict[int, Any] = {}
         self._loop_handlers: List[int] = []
+        self._loop_previous: Dict[int, Any] = {}  # the host's own loop.add_signal_handler
 
     def install(self) -> bool:
         if threading.current_thread() is not threading.main_thread():
@@ -63,6 +64,11 @@ class SignalCatcher:
                 signal.signal(sig, lambda s, _f: self._loop.call_soon_threadsafe(
                     self._on_signal, s))
             else:
+                # add_signal_handler replaces a callback the host program registered on this
+                # loop, and remove_signal_handler would drop it: keep it to put it back
+                host = getattr(self._loop, "_signal_handlers", {}).get(sig)
+                if host is not None:
+                    self._loop_previous[sig] = host
                 self._loop.add_signal_handler(sig, self._on_signal, sig)
                 self._loop_handlers.append(sig)
         return True
@@ -75,6 +81,9 @@ class SignalCatcher:
             if previous is not None:
                 signal.signal(sig, previous)
         self._previous.clear()
+        for sig, host in self._loop_previous.items():
+            self._loop.add_signal_handler(sig, host._callback, *host._args)
+        self._loop_previous.clear()
 
 
 UPSTREAM_CLIENTS = {
