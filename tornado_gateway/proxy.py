@@ -295,6 +295,41 @@ _filter = _QuietAbortFilter()
 if not any(isinstance(f, _QuietAbortFilter) for f in logging.getLogger("tornado.application").filters):
     logging.getLogger("tornado.application").addFilter(_filter)
 
+class _ExactRequestHeaders(httputil.HTTPHeaders):
+    """Upstream request headers that claim to hold a ``Content-Type`` once sealed.
+
+    Tornado's HTTP clients (and the keep-alive pool, which follows them) add
+    ``Content-Type: application/x-www-form-urlencoded`` to every POST without one: the child
+    would see a form the client never sent. A proxy must not invent headers, so after sealing
+    ``"Content-Type" in headers`` is always true and only the client's own headers are sent.
+    """
+
+    _sealed = False
+
+    def __contains__(self, name: object) -> bool:
+        if self._sealed and isinstance(name, str) and name.lower() == "content-type":
+            return True
+        return super().__contains__(name)
+
+
+class _UpstreamRequest(HTTPRequest):
+    """An HTTPRequest whose headers stay :class:`_ExactRequestHeaders` (``fetch()`` copies
+    them into a new object through this setter)."""
+
+    @property  # type: ignore[override]
+    def headers(self) -> httputil.HTTPHeaders:
+        return self._headers  # type: ignore[return-value]
+
+    @headers.setter
+    def headers(self, value: Any) -> None:
+        exact = _ExactRequestHeaders()
+        for name, item in (value.get_all() if isinstance(value, httputil.HTTPHeaders)
+                           else (value or {}).items()):
+            exact.add(name, item)
+        exact._sealed = True
+        self._headers = exact
+
+
 _END = object()  # request body complete
 _ABORT = object()  # request body will never complete: the producer must fail the upload
 
@@ -521,7 +556,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         elif not self._has_body and method in _SELF_CHUNKING_METHODS \
                 and "Content-Length" not in headers:
             headers["Content-Length"] = "0"  # else Tornado would announce a chunked body
-        upstream = HTTPRequest(
+        upstream = _UpstreamRequest(
             self.bridge.flask_url + request.uri,
             method=method,
             headers=headers,

@@ -336,3 +336,19 @@ def test_gateway_binds_all_interfaces_only_when_told_and_the_child_stays_on_loop
     assert listening(gw.child_pid()) == {("127.0.0.1", gw.flask_port)}
     assert "anyone who can reach this machine can use it" in gw.log()
     assert gw.interrupt() == 0
+
+
+# --- header fidelity (found under load: Tornado's client invents a form Content-Type) --------
+
+@pytest.mark.timeout(20)
+def test_proxy_never_invents_a_content_type(echo_gw, service_gw):
+    for body in (b"abc", b""):
+        echo = echo_gw.request("POST", "/api/deepfake/ct", body).json()
+        assert [v for k, v in echo["headers"] if k.lower() == "content-type"] == []
+    echo = echo_gw.request("POST", "/api/deepfake/ct", b"abc", {"Content-Type": "text/plain"})
+    assert [v for k, v in echo.json()["headers"] if k.lower() == "content-type"] == ["text/plain"]
+    # the service judges what the client sent, not a form it never sent
+    resp = service_gw.request("POST", "/api/deepfake/analyze", b"\x89PNG not really")
+    assert resp.status == 415 and "'(none)'" in resp.json()["message"], resp
+    form = service_gw.request("POST", "/api/deepfake/feedback", b"label=real&analysis_id=x")
+    assert form.status == 400 and form.json()["error"] == "Invalid label", form
