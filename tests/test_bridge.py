@@ -457,3 +457,30 @@ def test_no_health_checks_against_an_exited_child(gw_fakes):
 
     after_exit, later, state = asyncio.run(main())
     assert later == after_exit and state is S.EXITED
+
+
+def test_start_again_after_a_health_timeout_does_not_orphan_the_live_child(gw_fakes):
+    # a start that timed out leaves its (slow) child running and watched; a second start()
+    # must not spawn another one over it, which stop() would then never reach
+    control = gw_fakes.FakeControl()
+    checker = gw_fakes.FakeChecker([False])
+    bridge = gw_fakes.make_bridge(control, checker, health_retries=2)
+    handles = []
+    spawn = control.spawn
+
+    def recording_spawn(*args):
+        handles.append(spawn(*args))
+        return handles[-1]
+
+    control.spawn = recording_spawn
+
+    async def main():
+        assert await bridge.start() is False
+        assert bridge.state is S.FAILED and handles[0].running
+        again = await bridge.start()
+        await bridge.stop()
+        return again
+
+    assert asyncio.run(main()) is False
+    assert all(not h.running for h in handles), "a child was left running after stop()"
+    assert control.calls.count("spawn") == 1

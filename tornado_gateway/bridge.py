@@ -202,6 +202,13 @@ class PythonBridge:
         """
         if self.state in (S.STARTING, S.READY, S.UNHEALTHY, S.STOPPING):
             return self.is_flask_ready()
+        if self.pid is not None:
+            # failed after a health timeout, but the child still runs and is being watched:
+            # a second one would fight it for the port and orphan it (stop() reaches only one)
+            log.warning("The Flask server (pid %d) is still running and its health is being "
+                        "checked; not starting another. Call stop() first to restart it.",
+                        self.pid)
+            return self.is_flask_ready()
         from tornado.ioloop import IOLoop
 
         self._ioloop = IOLoop.current()  # the pump threads hand events over through it
