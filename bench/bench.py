@@ -894,6 +894,9 @@ def print_report(result: Dict[str, Any]) -> None:
     w("\n=== tornado_gateway benchmark (%s, %s; %d CPUs; load %s; %s) ===\n"
       % (result["profile"], result["started_utc"], env["cpus"],
          " ".join("%.2f" % x for x in env["loadavg_before"]), result["load_generator"]))
+    if env.get("git"):
+        w("code: commit %s%s\n" % (env["git"], "; uncommitted changes in: " + ", ".join(
+            x[3:] for x in env.get("uncommitted", [])) if env.get("uncommitted") else ""))
     w("figures: median (min..max) over repeats; ratio = gateway / direct of the same repeat "
       "(direct and gateways interleaved, order rotating)\n")
     for name in names:
@@ -1105,6 +1108,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         result["environment"]["git"] = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
             text=True).stdout.strip()
+        # the gateway is measured from the working tree: note uncommitted changes to it
+        result["environment"]["uncommitted"] = subprocess.run(
+            ["git", "status", "--porcelain", "--", "tornado_gateway", "python"], cwd=ROOT,
+            capture_output=True, text=True).stdout.split("\n")[:-1]
 
     procs = Processes(log_dir)
     gateways: List[Gateway] = []
