@@ -56,6 +56,12 @@ def test_valid_environment_values_are_used():
     ("FLASK_HEALTH_RETRIES", "0", 10, "positive"),
     ("FLASK_SHUTDOWN_TIMEOUT", "1e3", 5000, "not a number"),
     ("FLASK_AUTO_RESTART", "-1", 0, "zero or a positive"),
+    # so long it stops being a time: it would overflow the float seconds of the timers
+    ("FLASK_HEALTH_INTERVAL", "9" * 400, 500, "at most 1000000000000 milliseconds"),
+    ("FLASK_HEALTH_TIMEOUT", "1000000000001", 10000, "at most"),
+    ("FLASK_SHUTDOWN_TIMEOUT", "9" * 4000, 5000, "at most"),
+    ("GATEWAY_READY_WAIT", "9" * 400, 10000, "between 0 and 1000000000000"),
+    ("GATEWAY_READY_WAIT", "-1", 10000, "between 0 and"),
     ("GATEWAY_PORT", "99999", 8080, "between 0 and 65535"),
     ("GATEWAY_MAX_BODY", "lots", 1024 ** 3, "byte count"),
     ("GATEWAY_MAX_BODY", "0", 1024 ** 3, "positive"),
@@ -175,3 +181,14 @@ def test_base_url_never_targets_a_wildcard_address(host, url):
     cfg, warnings = load({"FLASK_HOST": host})
     assert warnings == [] and cfg.flask.host == host
     assert cfg.flask.base_url == url
+
+
+def test_huge_times_do_not_crash_the_bridge():
+    from tornado_gateway.bridge import PythonBridge
+
+    cfg, warnings = load({var: "9" * 400 for var in (
+        "FLASK_HEALTH_INTERVAL", "FLASK_HEALTH_TIMEOUT", "FLASK_SHUTDOWN_TIMEOUT")})
+    assert len(warnings) == 3
+    PythonBridge(cfg, control=object())  # used to raise OverflowError
+    cfg, warnings = load({"FLASK_HEALTH_INTERVAL": "1000000000000"})
+    assert warnings == [] and cfg.flask.health_interval == 10 ** 12

@@ -91,10 +91,24 @@ def _gateway_port(raw: str) -> int:
     return value
 
 
+# ~31 years. Times become float seconds (timers, timeouts): a longer one is no longer a time,
+# and past ~10**308 it raises OverflowError where it is used instead of here.
+MAX_MS = 10 ** 12
+
+
 def _positive_ms(raw: str) -> int:
     value = int(raw.strip(), 10)
     if value <= 0:
         raise ValueError("must be a positive number of milliseconds")
+    if value > MAX_MS:
+        raise ValueError("must be at most %d milliseconds" % MAX_MS)
+    return value
+
+
+def _non_negative_ms(raw: str) -> int:
+    value = int(raw.strip(), 10)
+    if not 0 <= value <= MAX_MS:
+        raise ValueError("must be between 0 and %d milliseconds" % MAX_MS)
     return value
 
 
@@ -182,7 +196,7 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "max_body": ("GATEWAY_MAX_BODY", "--max-body", _size, "gateway"),
     "proxy_timeout": ("GATEWAY_PROXY_TIMEOUT", "--proxy-timeout", _positive_ms, "gateway"),
     "connect_timeout": ("GATEWAY_CONNECT_TIMEOUT", "--connect-timeout", _positive_ms, "gateway"),
-    "ready_wait": ("GATEWAY_READY_WAIT", "--ready-wait", _non_negative_int, "gateway"),
+    "ready_wait": ("GATEWAY_READY_WAIT", "--ready-wait", _non_negative_ms, "gateway"),
     "upstream": ("GATEWAY_UPSTREAM", "--upstream", _upstream, "gateway"),
     "idle_timeout": ("GATEWAY_IDLE_TIMEOUT", "--idle-timeout", _positive_ms, "gateway"),
     "body_timeout": ("GATEWAY_BODY_TIMEOUT", "--body-timeout", _positive_ms, "gateway"),
