@@ -732,8 +732,10 @@ def test_memory_bounded_for_1gib_each_way():
     import psutil
 
     echo, echo_port = start_script("echo_server.py", "--port", "0")
+    pool = ["--pool"] if os.environ.get("PROXY_TEST_CLIENT", "").endswith("KeepAliveHTTPClient") \
+        else []
     gateway, port = start_script("proxy_gateway.py", "--upstream",
-                                 "http://127.0.0.1:%d" % echo_port)
+                                 "http://127.0.0.1:%d" % echo_port, *pool)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("GET", "/api/deepfake/warmup")
