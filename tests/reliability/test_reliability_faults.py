@@ -186,3 +186,29 @@ def test_sigterm_with_transfers_in_flight_exits_0_and_cuts_them_honestly(gateway
         upload.close()
     assert gw.leftovers() == []
     assert "Received SIGTERM: shutting down" in gw.log()
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("upstream", ["keepalive", "simple"])
+def test_misbehaving_child_cannot_desync_responses(gateways, upstream):
+    """A child that sends an unsolicited second response behind a body, or a body shorter than
+    its Content-Length: no client ever receives bytes meant for no one, and a short body is
+    never presented as complete (upstream connections are pooled with "keepalive")."""
+    gw = gateways(["--flask-script", os.path.join(SCRIPTS, "desync_server.py"),
+                   "--upstream", upstream, "--proxy-timeout", "2000"])
+    for i in range(4):
+        split = gw.get("/api/deepfake/split")
+        assert (split.status, split.body) == (200, b"hello")
+        other = gw.get("/api/deepfake/other%d" % i)
+        assert (other.status, other.body) == (200, b"ok /api/deepfake/other%d" % i)
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    try:
+        sock.sendall(b"GET /api/deepfake/short HTTP/1.1\r\nHost: t\r\n\r\n")
+        short = read_http_response(sock, timeout=8)
+    finally:
+        sock.close()
+    assert short["status"] == 200 and short["body"] == b"0123456789"
+    assert not short["complete"] and short["closed"]
+    for i in range(3):
+        assert gw.get("/api/deepfake/after%d" % i).body == b"ok /api/deepfake/after%d" % i
+    assert gw.interrupt() == 0
