@@ -93,7 +93,7 @@ def test_acknowledged_feedback_and_the_model_survive_a_kill_during_retrain(gatew
     writers = [threading.Thread(target=writer) for _ in range(3)]
     for t in writers:
         t.start()
-    time.sleep(0.6)  # feedback lands while the retrain runs
+    time.sleep(0.4)  # feedback lands while the retrain runs
     assert gw.get("/api/deepfake/stats").json()["retrain"]["running"], \
         "the retrain finished before the kill: the test did not kill it midway"
     os.kill(child, signal.SIGKILL)
