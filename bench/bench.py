@@ -2,11 +2,12 @@
 """Benchmark of the gateway: the Flask child directly vs the Tornado gateway in front of it.
 
     python bench/bench.py --quick      # < 2 minutes
-    python bench/bench.py              # full run (~6-8 minutes)
+    python bench/bench.py              # full run (~5 minutes)
+    python bench/bench.py --profile gateway   # where the gateway's CPU goes (cProfile)
 
 One run measures, interleaving direct and gateway runs so that the machine's noise hits both
-(each repeat runs direct, gateway, gateway+pool, in an order that rotates from one repeat to the
-next), each figure as min / median / max over the repeats, each ratio per repeat against the
+(each repeat runs direct and each gateway variant, in an order that rotates from one repeat
+to the next), each figure as min / median / max over the repeats, each ratio per repeat against the
 direct run of the same repeat:
 
 * tiny GET (``/api/deepfake/tiny``): requests/s, p50 and p99 latency at 1 and 32 keep-alive
@@ -22,12 +23,13 @@ direct run of the same repeat:
 
 The throughput, transfer and launch figures use ``bench/backend.py`` (Flask on waitress, like the
 service in production, but with cheap routes) as the child, so they measure the gateway. The
-gateway is started as shipped (``python -m tornado_gateway --mode production``) and, when the
-shipped gateway does not already use it, a second time with ``tornado_gateway.pool.
-KeepAliveHTTPClient`` selected through ``AsyncHTTPClient.configure`` before ``main()`` (the
-documented way in pool.py; the gateway has no setting for it): rows "gateway" and
-"gateway+pool". Every process is on 127.0.0.1 with free ports, every load run has a fixed
-duration, and every process started here is stopped by PID at the end, also on error or Ctrl+C.
+gateway is started as shipped (``python -m tornado_gateway --mode production``: row "gateway")
+and, when it has the ``--upstream`` setting, once more with each other upstream client (row
+"gw simple" = ``--upstream simple``). On an older gateway without that setting, the second row
+is "gateway+pool": ``tornado_gateway.pool.KeepAliveHTTPClient`` selected through
+``AsyncHTTPClient.configure`` before ``main()``. Every process is on 127.0.0.1 with free ports,
+every load run has a fixed duration, and every process started here is stopped by PID at the
+end, also on error or Ctrl+C.
 Results: a table on stdout and ``bench/results/latest.json``.
 """
 from __future__ import annotations
@@ -91,6 +93,10 @@ TARGETS = {
 
 def log(msg: str) -> None:
     print("[bench %s] %s" % (time.strftime("%H:%M:%S"), msg), file=sys.stderr, flush=True)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
 def free_port() -> int:
@@ -279,14 +285,16 @@ def clean_env(data_dir: str) -> Dict[str, str]:
 class Variant:
     """One way of starting the gateway."""
 
-    def __init__(self, name: str, label: str, client: Optional[str]) -> None:
-        self.name = name      # "gateway" or "gateway+pool"
+    def __init__(self, name: str, label: str, client: Optional[str] = None,
+                 extra: Sequence[str] = ()) -> None:
+        self.name = name      # "gateway" (as shipped), "gw simple", "gateway+pool", ...
         self.label = label    # human description
         self.client = client  # None: as shipped; else an AsyncHTTPClient class to select
+        self.extra = list(extra)  # more gateway CLI options, e.g. ["--upstream", "simple"]
 
     def argv(self, gport: int, fport: int, script: str) -> List[str]:
         cli = ["--host", HOST, "--port", str(gport), "--flask-port", str(fport),
-               "--flask-script", script, "--mode", "production"]
+               "--flask-script", script, "--mode", "production"] + self.extra
         if self.client is None:
             return [PY, "-m", "tornado_gateway"] + cli
         return [PY, "-c", CLIENT_BOOT, self.client] + cli
@@ -302,7 +310,7 @@ class Gateway:
         self.fport = free_port()
         self.t_launch = time.monotonic()
         self.proc = procs.spawn(variant.argv(self.gport, self.fport, script),
-                                "%s-%s" % (variant.name.replace("+", "-"), tag), env)
+                                "%s-%s" % (slug(variant.name), tag), env)
         self.procs = procs
 
     @property
@@ -904,6 +912,10 @@ def print_report(result: Dict[str, Any]) -> None:
 
     w("\n-- tiny GET /api/deepfake/tiny, %d s per run, %d repeats --\n"
       % (result["params"]["duration"], result["params"]["repeats"]))
+    kept = result.get("upstream_keepalive_after_warmup")
+    if kept:
+        w("gateway->child connections left open after the warm-up (keep-alive): %s\n"
+          % ", ".join("%s %s" % kv for kv in kept.items()))
     w("%-6s %-13s %-20s %-20s %-23s %-18s %-15s %-15s %s\n" % (
         "conns", "target", "requests/s", "p50 ms", "p99 ms", "ratio vs direct",
         "gw CPU us/req", "child CPU us/req", "errors"))
@@ -998,6 +1010,141 @@ def print_report(result: Dict[str, Any]) -> None:
 
 # ============================================================================ main
 
+# The gateway's command line under cProfile, profiling only between SIGUSR1 (start) and SIGUSR2
+# (stop and write the stats), so start-up and shutdown stay out of the figures.
+PROFILE_BOOT = ("import cProfile, signal, sys\n"
+                "from tornado.httpclient import AsyncHTTPClient\n"
+                "if sys.argv[2] != '-':\n"
+                "    AsyncHTTPClient.configure(sys.argv[2])\n"
+                "prof = cProfile.Profile()\n"
+                "def start(*_):\n"
+                "    prof.enable()\n"
+                "def stop(*_):\n"
+                "    prof.disable()\n"
+                "    prof.dump_stats(sys.argv[1])\n"
+                "signal.signal(signal.SIGUSR1, start)\n"
+                "signal.signal(signal.SIGUSR2, stop)\n"
+                "from tornado_gateway.__main__ import main\n"
+                "sys.exit(main(sys.argv[3:]))\n")
+
+
+def _profile_group(filename: str, func: str) -> str:
+    if filename == "~":
+        if "select.epoll" in func:
+            return "waiting in epoll (idle)"
+        if "socket" in func:
+            return "socket calls (send/recv/connect)"
+        return "builtins"
+    f = filename.replace(os.sep, "/")
+    for part in ("tornado_gateway/", "tornado/", "asyncio/", "concurrent/"):
+        if part in f:
+            tail = f[f.index(part):]
+            return tail if part == "tornado_gateway/" else part.rstrip("/")
+    return "stdlib/other"
+
+
+def profile_gateway(procs: Processes, variant: Variant, env: Dict[str, str], conns: int,
+                    duration: int, loader: Callable[..., Dict[str, Any]], out_path: str,
+                    top: int = 20) -> Dict[str, Any]:
+    """Run ``variant`` under cProfile while the tiny GET load runs; the hottest functions."""
+    import pstats
+
+    gport, fport = free_port(), free_port()
+    cli = ["--host", HOST, "--port", str(gport), "--flask-port", str(fport), "--flask-script",
+           BACKEND, "--mode", "production"]
+    proc = procs.spawn([PY, "-c", PROFILE_BOOT, out_path, variant.client or "-"] + cli
+                       + variant.extra,
+                       "profile-%s" % slug(variant.name), env)
+    gw = Gateway.__new__(Gateway)  # the same probing as the benchmark
+    gw.variant, gw.gport, gw.fport, gw.proc, gw.procs = variant, gport, fport, proc, procs
+    gw.t_launch = time.monotonic()
+    if os.path.exists(out_path):
+        os.unlink(out_path)
+    try:
+        wait_ready(gw)
+        loader(gport, "/api/deepfake/tiny", 8, 1)  # warm-up, not profiled
+        before = cpu_seconds({"gateway": proc.pid})
+        os.kill(proc.pid, signal.SIGUSR1)
+        res = loader(gport, "/api/deepfake/tiny", conns, duration)
+        os.kill(proc.pid, signal.SIGUSR2)
+        after = cpu_seconds({"gateway": proc.pid})
+        for _ in range(100):
+            if os.path.exists(out_path):
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        procs.stop(proc)
+    stats = pstats.Stats(out_path)
+    total = sum(v[2] for v in stats.stats.values())  # tottime  # type: ignore[attr-defined]
+    groups: Dict[str, float] = {}
+    rows = []
+    for (filename, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        groups[_profile_group(filename, func)] = groups.get(
+            _profile_group(filename, func), 0.0) + tt
+        rows.append((tt, nc, ct, "%s:%d(%s)" % (filename.replace(ROOT + os.sep, "")
+                                                 .split("site-packages" + os.sep)[-1], line, func)))
+    rows.sort(reverse=True)
+    busy = total - groups.get("waiting in epoll (idle)", 0.0)
+    return {
+        "variant": variant.name, "connections": conns, "duration_s": duration,
+        "requests": res.get("requests"), "rps_under_profiler": res.get("rps"),
+        "gateway_cpu_us_per_req_under_profiler":
+            (after["gateway"] - before["gateway"]) / res["requests"] * 1e6
+            if res.get("requests") and "gateway" in after and "gateway" in before else None,
+        "profiled_seconds": total, "busy_fraction": busy / total if total else None,
+        "groups_pct_of_busy": {k: 100.0 * v / busy for k, v in sorted(
+            groups.items(), key=lambda kv: -kv[1]) if k != "waiting in epoll (idle)"} if busy else {},
+        "top_self_time": [{"pct_of_busy": 100.0 * tt / busy if busy else None, "calls": nc,
+                           "per_req_us": tt / res["requests"] * 1e6 if res.get("requests") else None,
+                           "function": name} for tt, nc, ct, name in rows[:top]],
+        "stats_file": out_path,
+    }
+
+
+def print_profile(prof: Dict[str, Any]) -> None:
+    w = sys.stdout.write
+    w("\n=== cProfile of %s under tiny GET at %d connections, %d s: %d requests "
+      "(%.0f req/s under the profiler), gateway main thread busy %.0f%% of the time, "
+      "%.0f us CPU per request ===\n" % (
+          prof["variant"], prof["connections"], prof["duration_s"], prof["requests"] or 0,
+          prof["rps_under_profiler"] or 0, 100 * (prof["busy_fraction"] or 0),
+          prof["gateway_cpu_us_per_req_under_profiler"] or 0))
+    w("self time by module (%% of busy time):\n")
+    for k, v in prof["groups_pct_of_busy"].items():
+        if v >= 0.5:
+            w("  %5.1f%%  %s\n" % (v, k))
+    w("hottest functions (self time):\n")
+    for r in prof["top_self_time"]:
+        w("  %5.1f%%  %6.1f us/req  %8d calls  %s\n" % (r["pct_of_busy"] or 0,
+                                                     r["per_req_us"] or 0, r["calls"],
+                                                     r["function"][:110]))
+    w("stats: %s (python -m pstats)\n" % prof["stats_file"])
+
+
+def detect_upstream() -> Dict[str, Any]:
+    """The gateway's own upstream-client setting, if it has one: its CLI option, default and
+    the AsyncHTTPClient class each choice configures (read from tornado_gateway itself)."""
+    code = ("import json\n"
+            "from tornado.httpclient import AsyncHTTPClient\n"
+            "from tornado_gateway import config, server\n"
+            "out = {}\n"
+            "if 'upstream' in config.SETTINGS and hasattr(server, 'configure_upstream_client'):\n"
+            "    out['option'] = config.SETTINGS['upstream'][1]\n"
+            "    out['default'] = config.GatewayConfig().upstream\n"
+            "    out['classes'] = {}\n"
+            "    for choice in getattr(server, 'UPSTREAM_CLIENTS', {}):\n"
+            "        server.configure_upstream_client(config.load_config({}, {'upstream': choice}))\n"
+            "        c = AsyncHTTPClient.configured_class()\n"
+            "        out['classes'][choice] = c.__module__ + '.' + c.__name__\n"
+            "print(json.dumps(out))\n")
+    out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    try:
+        return json.loads(out.stdout)
+    except ValueError:
+        return {}
+
+
 def detect_client(preselect: Optional[str]) -> str:
     """The AsyncHTTPClient class the gateway's configure_http_client() leaves configured."""
     code = ("import sys\n"
@@ -1027,10 +1174,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--connections", default="1,32")
     parser.add_argument("--load", choices=("auto", "wrk", "asyncio"), default="auto")
     parser.add_argument("--no-pool", action="store_true",
-                        help="measure only the gateway as shipped")
+                        help="measure only the gateway as shipped (not its other upstream "
+                             "client too)")
     parser.add_argument("--skip", default="",
                         help="comma list of phases to skip: launch,tiny,transfers,analyze")
     parser.add_argument("--json", default=os.path.join(RESULTS_DIR, "latest.json"))
+    parser.add_argument("--profile", metavar="GATEWAY",
+                        help="instead of the benchmark: run this gateway under cProfile during "
+                             "a tiny-GET load at the highest --connections for --duration s "
+                             "(default 5) and print where its time goes")
     parser.add_argument("--_loadgen", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -1073,10 +1225,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     started_utc = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     notes: List[str] = []
 
-    shipped_client = detect_client(None)
-    variants = [Variant("gateway", "python -m tornado_gateway as shipped (upstream client: %s)"
-                        % shipped_client, None)]
-    if not args.no_pool:
+    upstream = detect_upstream()
+    variants: List[Variant] = []
+    if upstream.get("option"):
+        # the gateway selects its upstream client itself: the default as shipped, and the
+        # other choice(s) through its own option
+        option, default = upstream["option"], upstream["default"]
+        variants.append(Variant("gateway", "python -m tornado_gateway as shipped (default %s "
+                                "%s: %s)" % (option, default, upstream["classes"].get(default)),
+                                None))
+        if not args.no_pool:
+            for choice, cls in upstream["classes"].items():
+                if choice != default:
+                    variants.append(Variant("gw %s" % choice, "same with %s %s: %s"
+                                            % (option, choice, cls), None, [option, choice]))
+        shipped_client = upstream["classes"].get(default, "?")
+    else:
+        shipped_client = detect_client(None)
+        variants.append(Variant("gateway", "python -m tornado_gateway as shipped (upstream "
+                                "client: %s)" % shipped_client, None))
+    if not args.no_pool and not upstream.get("option"):
         if shipped_client == POOL_CLASS:
             notes.append("the shipped gateway already uses %s; no second variant" % POOL_CLASS)
         else:
@@ -1092,6 +1260,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                 notes.append("%s not usable (%s): measured only the shipped gateway"
                              % (POOL_CLASS, pooled))
     names = [v.name for v in variants]
+    if args.profile:
+        chosen = [v for v in variants if v.name == args.profile]
+        if not chosen:
+            parser.error("%s is not available here (see the notes: %s)" % (args.profile, notes))
+        procs = Processes(log_dir)
+        try:
+            prof = profile_gateway(procs, chosen[0], env, max(conns_list),
+                                   args.duration or 5, loader,
+                                   os.path.join(RESULTS_DIR, "profile-%s.prof" % slug(args.profile)))
+        finally:
+            procs.cleanup()
+            shutil.rmtree(data_dir, ignore_errors=True)
+        prof["load_generator"] = load_name
+        with open(os.path.join(RESULTS_DIR, "profile-%s.json" % slug(args.profile)),
+                  "w") as f:
+            json.dump(prof, f, indent=1)
+        print_profile(prof)
+        return 0
     log("profile %s, %s; gateways: %s" % (profile, load_name, ", ".join(names)))
 
     result: Dict[str, Any] = {
