@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    from .server import configure_logging, run
+    from .server import configure_logging, run, shutdown_signals
 
     warnings: List[str] = []
     config = load_config(os.environ, overrides, warn=warnings.append)
@@ -40,7 +41,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     log = logging.getLogger("tornado_gateway.config")
     for message in warnings:
         log.warning(message)
-    return run(config)
+    try:
+        return run(config)
+    finally:
+        # only exiting is left: a late Ctrl+C / SIGTERM must not turn exit 0 into 130 / -15
+        for sig in shutdown_signals():
+            signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

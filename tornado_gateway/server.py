@@ -192,9 +192,10 @@ async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
         except asyncio.TimeoutError:
             log.debug("some connections were still open at exit")
     finally:
-        catcher.restore()
+        # stop the child before giving the handlers back: a Ctrl+C meanwhile still forces it
         if bridge.state.value not in ("stopped",):
             await bridge.stop()
+        catcher.restore()
         bridge._control.cleanup()
     log.info("Gateway stopped.")
     return 0
@@ -202,4 +203,10 @@ async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
 
 def run(config: GatewayConfig) -> int:
     """Run the gateway in a fresh event loop until Ctrl+C / SIGTERM; return the exit code."""
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        # a Ctrl+C before serve() installed its handlers (no child yet; serve() stops one it
+        # has started) or after it gave them back (the child is stopped by then)
+        log.info("Gateway stopped.")
+        return 0

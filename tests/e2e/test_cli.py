@@ -375,3 +375,47 @@ def test_cli_production_mode_is_quiet_but_shows_the_child(gateway):
     assert "[Python] healthy: listening on" in out
     assert " INFO " not in out.replace("INFO    [Python]", "")  # only the child's lines
     assert "Flask server ready" not in out
+
+
+@pytest.mark.timeout(40)
+def test_cli_ctrl_c_pressed_three_times_still_exits_0(gateway):
+    """Users press Ctrl+C repeatedly: the third one may arrive while the gateway has already
+    given the previous signal handlers back; it must not turn a clean exit into 130."""
+    gw = gateway("--flask-script", "tests/child_scripts/ignores_sigterm.py",
+                 "--shutdown-timeout", "20000")
+    child = gw.wait_ready()["service"]["pid"]
+    for _ in range(3):
+        gw.send(signal.SIGINT, group=True)
+        time.sleep(0.05)
+    assert gw.wait(3.0) == 0, gw.output()
+    assert child_gone(child, gw.flask_port)
+    assert "Traceback" not in gw.output()
+
+
+SIGINT_DURING_SETUP = """
+import os, signal, sys
+import tornado_gateway.server as server
+bind = server.bind_sockets
+def bind_after_ctrl_c(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C before the gateway's handlers are installed
+    return bind(*args, **kwargs)
+server.bind_sockets = bind_after_ctrl_c
+from tornado_gateway.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(40)
+def test_cli_ctrl_c_during_setup_exits_0_and_leaves_nothing(gateway, orphans, tmp_path):
+    port, flask_port = orphans.port(), orphans.port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_PREFIXES)}
+    env["CHILD_NO_WATCH"] = "1"  # so a child left behind would really stay
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGINT_DURING_SETUP, "--port", str(port), "--flask-port",
+         str(flask_port), "--flask-script", "tests/child_scripts/healthy.py"],
+        cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        timeout=20, start_new_session=True)
+    out = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    assert port_is_free(port) and port_is_free(flask_port)
