@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from tornado_gateway import child as child_mod
 from tornado_gateway.bridge import PythonBridge
 from tornado_gateway.config import FlaskConfig, GatewayConfig
 from tornado_gateway.health import HealthResult
@@ -484,3 +485,21 @@ def test_start_again_after_a_health_timeout_does_not_orphan_the_live_child(gw_fa
     assert asyncio.run(main()) is False
     assert all(not h.running for h in handles), "a child was left running after stop()"
     assert control.calls.count("spawn") == 1
+
+
+def test_flask_host_that_cannot_be_bound_is_not_reported_as_a_port_in_use(gw_fakes):
+    control = gw_fakes.FakeControl()
+    bridge = gw_fakes.make_bridge(control, host="192.0.2.1")
+    bridge._port_in_use = child_mod.port_in_use  # the real check
+
+    async def main():
+        with gw_fakes.capture_logs() as logs:
+            ok = await bridge.start()
+        return ok, logs
+
+    ok, logs = asyncio.run(main())
+    assert ok is False and bridge.state is S.FAILED and control.calls == []
+    err = bridge.last_error
+    assert "cannot listen on 192.0.2.1 port 5999" in err["message"]
+    assert "already in use" not in err["message"] and "FLASK_HOST" in err["suggestion"]
+    assert "cannot listen on 192.0.2.1" in logs.text(logging.WARNING)

@@ -1,6 +1,7 @@
 """child: interpreter detection, script resolution, port check, and both ProcessControls with
 injected process functions (no real child is spawned)."""
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -127,6 +128,14 @@ def test_port_in_use_sees_a_listener_and_a_free_port():
         port = s.getsockname()[1]
         assert port_in_use("127.0.0.1", port) is True
     assert port_in_use("127.0.0.1", port) is False
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
+def test_port_in_use_raises_for_an_address_that_cannot_be_bound(host):
+    # not "in use": the address is not this machine's (TEST-NET) or does not resolve
+    with pytest.raises(OSError) as info:
+        port_in_use(host, 5001)
+    assert info.value.errno not in (errno.EADDRINUSE, errno.EACCES)
 
 
 # --- describe_returncode ---------------------------------------------------------------------

@@ -245,7 +245,14 @@ class PythonBridge:
                     cfg.script, os.getcwd(), child_mod.PROJECT_DIR),
                 "Run the gateway from the project folder, or set FLASK_SCRIPT (--flask-script) "
                 "to the path of api_server.py.")
-        if self._port_in_use(cfg.host, cfg.port):
+        try:
+            busy = self._port_in_use(cfg.host, cfg.port)
+        except OSError as exc:
+            raise EnvironmentProblem(
+                "The Flask server cannot listen on %s port %d: %s." % (cfg.host, cfg.port, exc),
+                "Set FLASK_HOST (--flask-host) to an address of this machine, such as "
+                "127.0.0.1.") from None
+        if busy:
             raise EnvironmentProblem(
                 "Port %d on %s is already in use, so the Flask server cannot bind it." % (
                     cfg.port, cfg.host),

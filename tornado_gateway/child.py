@@ -18,6 +18,7 @@ TerminateProcess of the parent alone: not graceful and not the tree.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -93,7 +94,10 @@ def resolve_script(script: str, cwd: Optional[str] = None, project_dir: str = PR
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """True if something already listens on (host, port), so the child could not bind it."""
+    """True if something already listens on (host, port), so the child could not bind it.
+
+    Raises OSError when (host, port) cannot be bound for another reason (a host name that does
+    not resolve, an address this machine does not have): that is not a port in use."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         if os.name != "nt":
@@ -101,8 +105,11 @@ def port_in_use(host: str, port: int) -> bool:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return True
+        except OSError as exc:
+            # WSAEACCES: Windows' answer for a port another socket holds exclusively
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES, getattr(errno, "WSAEACCES", 10013)):
+                return True
+            raise
     return False
 
 
