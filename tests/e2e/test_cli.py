@@ -419,3 +419,27 @@ def test_cli_ctrl_c_during_setup_exits_0_and_leaves_nothing(gateway, orphans, tm
     assert proc.returncode == 0, out
     assert "Traceback" not in out
     assert port_is_free(port) and port_is_free(flask_port)
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("args, env, expected", [
+    (["--flask-script", "tests/child_scripts/no_such_script.py"], {},
+     "The Flask script 'tests/child_scripts/no_such_script.py' was not found"),
+    (["--flask-script", "tests/child_scripts/healthy.py"], {"FLASK_PYTHON": "/nonexistent"},
+     "The Python interpreter '/nonexistent' (FLASK_PYTHON) was not found."),
+], ids=["missing-script", "missing-interpreter"])
+def test_cli_bad_environment_is_failed_and_the_gateway_still_serves(gateway, args, env,
+                                                                     expected):
+    gw = gateway(*args, env=env)
+    assert wait_until(lambda: (gw.status() or {}).get("service", {}).get("state") == "failed",
+                      10), gw.output()
+    service = gw.status()["service"]
+    assert service["last_error"]["message"].startswith(expected)
+    assert service["pid"] is None
+    code, body = gw.get("/api/deepfake/stats")
+    assert code == 503 and body["suggestion"]
+    gw.send(signal.SIGINT)
+    assert gw.wait(3.0) == 0, gw.output()
+    out = gw.output()
+    assert "WARNING" in out and expected in out
+    assert "[Python]" not in out

@@ -156,3 +156,19 @@ async def test_auto_restart_after_the_reloader_is_killed_gets_the_port_back(orph
         await bridge.stop()
     assert bridge.state is S.STOPPED
     assert await wait_for(lambda: port_is_free(bridge.config.port), 2)
+
+
+@pytest.mark.timeout(20)
+async def test_stop_a_frozen_child(orphans, sink, gwlog):
+    """SIGSTOPped: SIGTERM stays pending, so it is killed after the timeout; stop() never
+    hangs."""
+    bridge = make_bridge(orphans, "healthy.py", sink, shutdown_timeout=500)
+    assert await bridge.start() is True
+    pid = bridge.pid
+    os.kill(pid, signal.SIGSTOP)
+    began = time.monotonic()
+    await bridge.stop()
+    took = time.monotonic() - began
+    assert 0.5 <= took <= 2.5, took
+    assert bridge.state is S.STOPPED and bridge.last_exit["signal"] == "SIGKILL"
+    assert not pid_alive(pid) and port_is_free(bridge.config.port)
