@@ -402,18 +402,24 @@ def test_property_8_configuration_loading_with_defaults(choice, noise):
 @pytest.mark.timeout(60)
 @settings(max_examples=120, **FIXTURES)
 @given(python_found=st.booleans(), configured=st.sampled_from([None, "/opt/py/python3"]),
-       script_exists=st.booleans(), port_busy=st.booleans(), spawn_fails=st.booleans(),
+       script_exists=st.booleans(), port=st.sampled_from(["free", "busy", "unbindable"]),
+       spawn_fails=st.booleans(),
        script_name=st.text(st.sampled_from(string.ascii_lowercase + "_-"), min_size=1,
                            max_size=10))
 def test_property_9_environment_validation_and_error_messaging(
-        gw_fakes, python_found, configured, script_exists, port_busy, spawn_fails, script_name):
+        gw_fakes, python_found, configured, script_exists, port, spawn_fails, script_name):
     """Feature: python-backend-integration, Property 9: Environment validation and error messaging"""
     script = gw_fakes.script if script_exists else os.path.join(
         os.path.dirname(gw_fakes.script), "missing-" + script_name + ".py")
     control = gw_fakes.FakeControl(
         spawn_error=FileNotFoundError(2, "No such file or directory") if spawn_fails else None)
     bridge = gw_fakes.make_bridge(control, python="/usr/bin/python3" if python_found else None,
-                                  script=script, port_busy=port_busy)
+                                  script=script, port_busy=port == "busy")
+    if port == "unbindable":
+        def cannot_bind(host, number):
+            raise OSError(99, "Cannot assign requested address")
+
+        bridge._port_in_use = cannot_bind
     if configured:
         bridge.config = FlaskConfig(**{**bridge.config.__dict__, "python": configured})
 
@@ -431,8 +437,11 @@ def test_property_9_environment_validation_and_error_messaging(
         fix = "FLASK_PYTHON"
     elif not script_exists:
         problem, fix = "The Flask script %r was not found" % script, "FLASK_SCRIPT"
-    elif port_busy:
+    elif port == "busy":
         problem, fix = "Port 5999 on 127.0.0.1 is already in use", "FLASK_PORT"
+    elif port == "unbindable":
+        problem = "cannot listen on 127.0.0.1 port 5999: [Errno 99] Cannot assign"
+        fix = "FLASK_HOST"
     elif spawn_fails:
         problem, fix = "Could not start /usr/bin/python3: [Errno 2]", "FLASK_PYTHON"
     else:
