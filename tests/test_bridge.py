@@ -53,10 +53,11 @@ def test_start_success_then_stop(gw_fakes):
     assert [h[1] for h in bridge.history] == [S.STARTING, S.READY, S.STOPPING, S.STOPPED]
 
 
-def test_accepts_a_gateway_config():
-    bridge = PythonBridge(GatewayConfig(flask=FlaskConfig(port=6111)), control=object(),
-                          checker=object.__new__(type("C", (), {"check": None})))
+def test_accepts_a_gateway_config(gw_fakes):
+    bridge = PythonBridge(GatewayConfig(flask=FlaskConfig(port=6111)),
+                          control=gw_fakes.FakeControl(), checker=gw_fakes.FakeChecker())
     assert bridge.config.port == 6111 and bridge.flask_url == "http://127.0.0.1:6111"
+    assert bridge.state is S.IDLE and bridge.pid is None and not bridge.is_flask_ready()
 
 
 @pytest.mark.parametrize("case", ["no_python", "no_configured_python", "no_script", "port_busy"])
