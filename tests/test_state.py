@@ -140,3 +140,80 @@ def test_wait_for_change():
         return changed, unchanged
 
     assert asyncio.run(main()) == (True, False)
+
+
+# --- errors: the JSON the gateway answers for each state (errors.py) ------------------------
+
+import datetime  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+
+from tornado_gateway import errors  # noqa: E402
+
+KEYS = {"error", "message", "suggestion", "timestamp"}
+
+
+def test_utc_timestamp_is_iso8601_utc_with_millis():
+    ts = errors.utc_timestamp()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", ts)
+    parsed = datetime.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - parsed).total_seconds()) < 5
+
+
+@pytest.mark.parametrize("state", [s for s in S if s is not S.READY])
+def test_service_unavailable_for_every_unusable_state(state):
+    err = errors.service_unavailable(state.value, "detail here.")
+    assert err.status == 503 and err.error == "Flask server unavailable"
+    assert err.message.endswith("(state: %s). detail here." % state.value)
+    assert err.suggestion and "Restart the gateway with" not in err.suggestion  # a specific hint
+    assert err.retry_after == (5 if state in (S.STARTING, S.UNHEALTHY) else None)
+    body = json.loads(err.body())
+    assert set(body) == KEYS and body["message"] == err.message
+
+
+def test_error_catalogue_shapes():
+    cases = [
+        (errors.bad_gateway("connection reset"), 502, "connection reset", 5),
+        (errors.gateway_timeout(300.0), 504, "300 seconds", 10),
+        (errors.payload_too_large(2048, 1024), 413, "2048 bytes exceeds the gateway's limit of "
+                                                     "1024 bytes", None),
+        (errors.payload_too_large(None, 1024), 413, "The request body exceeds", None),
+        (errors.not_found("/x"), 404, "/x", None),
+        (errors.bad_request_path("/api/deepfake/../x", "'..' segment"), 400, "'..' segment", None),
+        (errors.method_not_supported("BREW"), 501, "BREW", None),
+        (errors.internal_error(500, "Internal Server Error"), 500, "500 Internal", None),
+    ]
+    for err, status, text, retry in cases:
+        assert err.status == status and text in err.message and err.retry_after == retry
+        assert set(json.loads(err.body())) == KEYS
+
+
+class FakeHandler:
+    def __init__(self):
+        self.calls = []
+        self.headers = {}
+
+    def clear(self):
+        self.calls.append("clear")
+
+    def set_status(self, status):
+        self.status = status
+
+    def set_header(self, name, value):
+        self.headers[name] = value
+
+    def finish(self, body):
+        self.calls.append("finish")
+        self.body = body
+
+
+@pytest.mark.parametrize("state,retry", [("starting", "5"), ("exited", None)])
+def test_write_error_response(state, retry):
+    h = FakeHandler()
+    errors.write_error_response(h, errors.service_unavailable(state))
+    assert h.calls == ["clear", "finish"] and h.status == 503
+    assert h.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert h.headers["Cache-Control"] == "no-store"
+    assert h.headers.get("Retry-After") == retry
+    assert set(json.loads(h.body)) == KEYS
