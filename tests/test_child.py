@@ -349,3 +349,16 @@ def test_kill_processes_counts_only_the_killed():
 
 def test_snapshot_descendants_of_missing_pid_is_empty():
     assert child.snapshot_descendants(2 ** 22 + 12345) == []
+
+
+def test_posix_kill_leftovers_kills_the_exited_childs_group():
+    rec = Recorder()
+    assert posix(rec).kill_leftovers(handle()) == "SIGKILL to process group 4321"
+    assert rec.calls == [("killpg", 4321, signal.SIGKILL)]
+    gone = Recorder(killpg_error=ProcessLookupError())
+    assert posix(gone).kill_leftovers(handle()) == ""
+
+
+def test_windows_kill_leftovers_is_nothing():
+    # taskkill /T already took the tree; an exited parent leaves nothing to name on Windows
+    assert windows().kill_leftovers(handle(777, FakePopen([]))) == ""

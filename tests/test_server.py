@@ -268,3 +268,11 @@ def test_run_runs_serve_in_a_fresh_loop(monkeypatch):
     cfg = GatewayConfig(port=0)
     assert server.run(cfg) == 0
     assert seen[0][0] is cfg
+
+
+def test_run_returns_zero_on_a_ctrl_c_outside_the_handlers(monkeypatch):
+    async def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(server, "serve", interrupted)
+    assert server.run(GatewayConfig(port=0)) == 0
