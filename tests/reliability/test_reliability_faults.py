@@ -118,8 +118,9 @@ class _Prefixed:
 
 @pytest.mark.timeout(40)
 def test_child_frozen_then_resumed(gateways):
+    # auto-restart on: "no restart" below means the gateway chose not to, not that it could not
     gw = gateways(["--health-interval", "250", "--unhealthy-after", "2",
-                   "--proxy-timeout", "1500", "--ready-wait", "300"])
+                   "--proxy-timeout", "1500", "--ready-wait", "300", "--auto-restart", "2"])
     child = gw.child_pid()
     os.kill(child, signal.SIGSTOP)
     try:
