@@ -150,3 +150,38 @@ def test_log_sink_logs_prefixed_line_at_info(caplog):
     assert ("tornado_gateway.python", logging.INFO,
             "[Python] Traceback (most recent call last):") in msgs
     assert ("tornado_gateway.python", logging.INFO, "[Python] 100% done %s %d") in msgs
+
+
+def test_splitter_forwards_an_overlong_line_in_pieces():
+    sp = LineSplitter(max_line=4)
+    assert sp.feed(b"abcdefghij") == ["abcd", "efgh"]
+    assert sp.feed(b"k\nxy") == ["ijk"]
+    assert sp.finish() == ["xy"]
+    assert LineSplitter.MAX_LINE == 65536
+
+
+@pytest.mark.timeout(60)
+def test_output_without_newlines_is_pumped_in_linear_time():
+    # 20 MiB with no newline (a blob on stdout) used to be re-split on every read: quadratic,
+    # minutes of CPU while the pipe stayed full and the child's writes blocked
+    size = 20 * 1024 * 1024
+    got = []
+    r, w = os.pipe()
+    pump = LogPump(os.fdopen(r, "rb"), "stdout", got.append).start()
+
+    def writer():
+        with os.fdopen(w, "wb") as wf:
+            for _ in range(size // 65536):
+                wf.write(b"x" * 65536)
+
+    import time
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=writer)
+    t.start()
+    t.join(30)
+    assert pump.join(30)
+    took = time.monotonic() - t0
+    assert not t.is_alive() and took < 10.0
+    assert sum(len(l.text) for l in got) == size
+    assert max(len(l.text) for l in got) <= LineSplitter.MAX_LINE

@@ -41,14 +41,24 @@ def log_sink(line: LogLine) -> None:
 class LineSplitter:
     """Bytes in, complete lines out; holds the unfinished tail between calls."""
 
-    def __init__(self) -> None:
+    # A longer line is forwarded in pieces of this many characters: output without newlines
+    # (a blob, a binary dump) must neither grow without bound nor be re-split on every read,
+    # which is quadratic, lets the pipe fill and blocks the child's writes.
+    MAX_LINE = 65536
+
+    def __init__(self, max_line: int = MAX_LINE) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._partial = ""
+        self._max_line = max_line
 
     def feed(self, data: bytes) -> List[str]:
         # split on LF only: a lone CR (progress bars) or a form feed stays inside its line
         *lines, self._partial = (self._partial + self._decoder.decode(data)).split("\n")
-        return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+        out = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+        while len(self._partial) > self._max_line:
+            out.append(self._partial[:self._max_line])
+            self._partial = self._partial[self._max_line:]
+        return out
 
     def finish(self) -> List[str]:
         text = self._partial + self._decoder.decode(b"", final=True)
