@@ -219,11 +219,13 @@ def test_cli_gateway_sigkilled_child_exits_by_itself(gateway):
 
 
 @pytest.mark.timeout(90)
-def test_cli_default_script_real_service(gateway, tmp_path):
+@pytest.mark.parametrize("mode", ["development", "production"])
+def test_cli_default_script_real_service(gateway, tmp_path, mode):
     service = os.path.join(PROJECT_DIR, "python", "api_server.py")
     if not os.path.isfile(service):
         pytest.skip("python/api_server.py is not there yet")
-    gw = gateway(env={"DEEPFAKE_DATA_DIR": str(tmp_path / "data")})
+    gw = gateway(*(["--production"] if mode == "production" else []),
+                 env={"DEEPFAKE_DATA_DIR": str(tmp_path / "data")})
     status = gw.wait_ready(timeout=40)
     child = status["service"]["pid"]
     assert service in psutil.Process(child).cmdline()
@@ -232,11 +234,13 @@ def test_cli_default_script_real_service(gateway, tmp_path):
     assert {"training_samples", "model_loaded", "last_updated"} <= set(body)
     sent = gw.send(signal.SIGINT)
     assert gw.wait(8.0) == 0, gw.output()
-    print("default script: launch -> ready %.2f s, SIGINT -> exit 0 in %.2f s" % (
-        gw.ready_after, time.monotonic() - sent))
+    print("default script (%s): launch -> ready %.2f s, SIGINT -> exit 0 in %.2f s" % (
+        mode, gw.ready_after, time.monotonic() - sent))
     assert child_gone(child, gw.flask_port)
     assert port_is_free(gw.port)
-    assert "[Python] " in gw.output()
+    out = gw.output()
+    assert "[Python] " in out
+    assert "Traceback" not in out
 
 
 @pytest.mark.timeout(40)
