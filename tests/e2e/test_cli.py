@@ -17,7 +17,12 @@ from typing import List, Optional
 import psutil
 import pytest
 
-from gw_realproc import PROJECT_DIR, pid_alive, port_is_free, script, wait_until
+# the shared real-process helpers (and the ``orphans`` fixture) live in tests/integration; a
+# second conftest.py here would shadow the ``conftest`` module other test folders import from
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "integration"))
+from gw_realproc import (PROJECT_DIR, orphans, pid_alive, port_is_free,  # noqa: E402,F401
+                         wait_until)
 
 pytestmark = pytest.mark.integration
 
