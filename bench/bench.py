@@ -865,8 +865,8 @@ def check_targets(s: Dict[str, Any], names: List[str]) -> Dict[str, Dict[str, An
         def put(key: str, value: Optional[float], ok: Optional[bool], goal: str) -> None:
             t[key] = {"value": value, "met": ok, "goal": goal}
 
-        for conns, key, goal in (("32", "tiny_32_ratio", ">= %.1fx direct req/s at 32 conns"),
-                                 ("1", "tiny_1_ratio", ">= %.1fx direct req/s at 1 conn")):
+        for conns, key, goal in (("32", "tiny_32_ratio", ">= %.1fx direct req/s at 32 conns (median)"),
+                                 ("1", "tiny_1_ratio", ">= %.1fx direct req/s at 1 conn (median)")):
             r = s["tiny_get"].get(conns, {}).get(name, {}).get("rps_ratio")
             v = r["median"] if r else None
             put(key, v, None if v is None else v >= TARGETS[key], goal % TARGETS[key])
@@ -879,17 +879,17 @@ def check_targets(s: Dict[str, Any], names: List[str]) -> Dict[str, Dict[str, An
                 peaks.append(row["gateway_vmhwm_mb"]["max"])
         v = max(peaks) if peaks else None
         put("peak_rss_mb", v, None if v is None else v < TARGETS["peak_rss_mb"],
-            "< %.0f MB gateway peak RSS, 1 GiB each way" % TARGETS["peak_rss_mb"])
+            "< %.0f MB gateway peak RSS, 1 GiB each way (max)" % TARGETS["peak_rss_mb"])
         la = s["launch"].get(name, {})
         g = la.get("gap_ms")
-        v = g["median"] if g else None
-        put("ready_gap_ms", v, None if v is None else (g["max"] <= TARGETS["ready_gap_ms"]),
-            "gateway ready <= %.0f ms after the child answers (every trial)"
+        v = g["max"] if g else None
+        put("ready_gap_ms", v, None if v is None else v <= TARGETS["ready_gap_ms"],
+            "gateway ready <= %.0f ms after the child answers (max)"
             % TARGETS["ready_gap_ms"])
         e = la.get("sigint_exit_ms")
         v = e["max"] if e else None
         put("sigint_exit_ms", v, None if v is None else v < TARGETS["sigint_exit_ms"],
-            "Ctrl+C to exit < %.0f ms (every trial)" % TARGETS["sigint_exit_ms"])
+            "Ctrl+C to exit < %.0f ms (max)" % TARGETS["sigint_exit_ms"])
         res[name] = t
     return res
 
