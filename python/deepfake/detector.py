@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import features
-from .imaging import DecodedImage
+from .imaging import MAX_COUNTED_FRAMES, DecodedImage
 from .model import LinearModel
 
 GENERATED_AT = 0.7  # probability at or above which the verdict is likely_generated
@@ -92,7 +92,10 @@ def _warnings(decoded: DecodedImage, crops: features.CropFeatures,
         notes.append("Heavy JPEG compression (estimated quality %d) removes the fine detail "
                      "where up-sampling traces live; the result is less reliable."
                      % decoded.jpeg_quality)
-    if decoded.frames > 1:
+    if decoded.frames >= MAX_COUNTED_FRAMES:
+        notes.append("The file holds %d or more frames; only the first was examined."
+                     % decoded.frames)
+    elif decoded.frames > 1:
         notes.append("The file holds %d frames; only the first was examined." % decoded.frames)
     if verdict == "likely_real":
         notes.append("No up-sampling traces were found. That does not prove the image is real: "

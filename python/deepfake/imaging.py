@@ -92,7 +92,7 @@ def decode(data: bytes, max_pixels: int) -> DecodedImage:
         raise _corrupt(ValueError("zero-sized image"))
     if width * height > max_pixels:
         raise _too_many_pixels(image.size, max_pixels)
-    frames = int(getattr(image, "n_frames", 1) or 1)
+    frames = count_frames(image)
     try:
         image.seek(0)
         image.load()
@@ -102,6 +102,34 @@ def decode(data: bytes, max_pixels: int) -> DecodedImage:
         raise _corrupt(exc)
     return DecodedImage(image, fmt, width, height, len(data), hashlib.sha256(data).hexdigest(),
                         estimate_jpeg_quality(image) if fmt == "JPEG" else None, frames)
+
+
+#: Frames counted at most: only the first frame is examined, the count is for a note. Pillow's
+#: ``n_frames`` walks the whole file for GIF and TIFF, and a 50 MB GIF of two million
+#: one-pixel frames took ~12 s of CPU just to be counted (a frame bomb).
+MAX_COUNTED_FRAMES = 1000
+
+
+def count_frames(image: Image.Image, limit: int = MAX_COUNTED_FRAMES) -> int:
+    """The number of frames in the file, counting at most ``limit`` (a result of ``limit``
+    means "that many or more"). Leaves the image on an unspecified frame: seek(0) after."""
+    if not getattr(image, "is_animated", False):
+        return 1
+    if (image.format or "").upper() not in ("GIF", "TIFF"):
+        return min(int(getattr(image, "n_frames", 1) or 1), limit)  # read from a header
+    count = 1
+    try:
+        while count < limit:
+            # GIF's _seek(n, False) only parses frame n (what n_frames does for each frame);
+            # the public seek() would decode every frame before it
+            if (image.format or "").upper() == "GIF":
+                image._seek(count, False)  # type: ignore[attr-defined]
+            else:
+                image.seek(count)  # TIFF: reads the next directory only
+            count += 1
+    except EOFError:
+        pass
+    return count
 
 
 def _corrupt(exc: Exception) -> ApiError:

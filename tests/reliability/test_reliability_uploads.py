@@ -188,3 +188,30 @@ def test_the_same_images_untouched_are_accepted(service_gw):
     resp = service_gw.request("POST", "/api/deepfake/analyze", just_under,
                               {"Content-Type": "image/png"})
     assert resp.status != 413 and resp.status < 500, resp
+
+
+def gif_with_frames(count: int, size: int = 64) -> bytes:
+    """A GIF of ``count`` one-pixel frames (about 23 bytes each) on a size x size canvas."""
+    frame = (b"!\xf9\x04\x00\x00\x00\x00\x00" + b"," + struct.pack("<HHHHB", 0, 0, 1, 1, 0)
+             + b"\x02\x02\x44\x01\x00")
+    return (b"GIF89a" + struct.pack("<HHBBB", size, size, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+            + frame * count + b";")
+
+
+@pytest.mark.timeout(60)
+def test_frame_bomb_is_not_walked_frame_by_frame(service_gw):
+    """Found here: counting the frames of a GIF walked the whole file (~5.6 us per frame: a
+    50 MB upload of one-pixel frames held a service thread ~12 s). The count now stops at
+    1000, so the answer comes at once and says so."""
+    bomb = gif_with_frames(170_000)  # 3.9 MB, under this gateway's 4 MiB upload limit
+    started = time.monotonic()
+    resp = service_gw.request("POST", "/api/deepfake/analyze", bomb, {"Content-Type": "image/gif"},
+                              timeout=30)
+    took = time.monotonic() - started
+    assert resp.status == 200, resp
+    notes = " ".join(resp.json()["warnings"])
+    assert "The file holds 1000 or more frames; only the first was examined." in notes, notes
+    assert took < 10, took
+    few = service_gw.request("POST", "/api/deepfake/analyze", gif_with_frames(3),
+                             {"Content-Type": "image/gif"})
+    assert "The file holds 3 frames" in " ".join(few.json()["warnings"]), few
