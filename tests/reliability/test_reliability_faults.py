@@ -146,12 +146,15 @@ def test_child_frozen_then_resumed(gateways):
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.parametrize("reloader", [False, True], ids=["service", "service-under-reloader"])
-def test_gateway_sigkilled_child_and_grandchild_exit_and_free_the_port(gateways, reloader):
-    args = ["--flask-script", os.path.join(SCRIPTS, "reloading_service.py")] if reloader else []
+@pytest.mark.parametrize("args,processes", [
+    ([], 1),
+    (["--mode", "production"], 1),
+    (["--flask-script", os.path.join(SCRIPTS, "reloading_service.py")], 2),
+], ids=["service", "service-production", "service-under-reloader"])
+def test_gateway_sigkilled_child_and_grandchild_exit_and_free_the_port(gateways, args, processes):
     gw = gateways(args, timeout=30)
     tree = gw.track()
-    assert len(tree) == (2 if reloader else 1), tree
+    assert len(tree) == processes, tree
     created = {p.pid: p.create_time() for p in tree}
     gw.proc.kill()
     gw.proc.wait(5)

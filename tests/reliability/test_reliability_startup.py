@@ -92,10 +92,18 @@ def test_interpreter_missing_fails_with_message(gateways):
     ctrl_c_exits_clean(gw)
 
 
+CRASHES = [
+    # a child whose dependency is missing: dies while importing
+    (["--flask-script", os.path.join(SCRIPTS, "crash_on_import.py")], {}, "ModuleNotFoundError"),
+    # the real service with a data directory it cannot create: dies while starting
+    ([], {"DEEPFAKE_DATA_DIR": "/dev/null/data"}, "NotADirectoryError"),
+]
+
+
 @pytest.mark.timeout(30)
-def test_child_crashing_on_import_is_reported_as_exited(gateways):
-    gw = gateways(["--flask-script", os.path.join(SCRIPTS, "crash_on_import.py")],
-                  wait="exited")
+@pytest.mark.parametrize("args,env,error", CRASHES, ids=["import", "service-bad-data-dir"])
+def test_child_crashing_on_startup_is_reported_as_exited(gateways, args, env, error):
+    gw = gateways(args, env=env, wait="exited")
 
     def tail_reported():
         exit_ = gw.status()["service"]["last_exit"]
@@ -103,9 +111,9 @@ def test_child_crashing_on_import_is_reported_as_exited(gateways):
 
     last_exit = wait_until(tail_reported, 5, "the crash's stderr in the status")
     assert last_exit["code"] == 1 and last_exit["signal"] is None
-    assert any("ModuleNotFoundError" in line for line in last_exit["stderr_tail"])
+    assert any(error in line for line in last_exit["stderr_tail"])
     log = gw.log()
-    assert "[Python] ModuleNotFoundError" in log
+    assert "[Python] %s" % error in log
     assert "exited with code 1" in log
     assert_degraded_but_serving(gw, "exited")
     ctrl_c_exits_clean(gw)
