@@ -129,6 +129,23 @@ def test_child_frozen_then_resumed(gateways):
         took = time.monotonic() - started
         assert resp.is_gateway_error(504), resp
         assert 1.3 < took < 4.0, took
+        # an upload to the frozen child: back-pressure stalls it, the proxy timeout ends it
+        sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+        try:
+            sock.sendall(b"POST /api/deepfake/analyze HTTP/1.1\r\nHost: t\r\nContent-Type: "
+                         b"image/png\r\nContent-Length: 8388608\r\n\r\n")
+            sock.settimeout(0.2)
+            started = time.monotonic()
+            try:
+                while time.monotonic() - started < 6:
+                    sock.send(b"\0" * 65536)
+            except OSError:
+                pass  # stalled (timeout) or closed by the gateway after its answer
+            upload = read_http_response(sock, timeout=6)
+        finally:
+            sock.close()
+        assert upload["status"] == 504 and upload["complete"], upload
+        assert time.monotonic() - started < 8
         service = gw.wait_state("unhealthy", timeout=10)
         assert service["pid"] == child
         during = gw.get("/api/deepfake/stats", timeout=10)
