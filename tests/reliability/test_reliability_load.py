@@ -13,7 +13,7 @@ from collections import Counter
 import psutil
 import pytest
 
-from rel_helpers import echo_args, wait_until
+from rel_helpers import echo_args, encode, noise_image, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -22,10 +22,11 @@ UPLOAD = 256 * 1024
 DOWNLOAD = 1024 * 1024
 
 
-async def exchange(port: int, method: str, target: str, body: bytes = b""):
+async def exchange(port: int, method: str, target: str, body: bytes = b"", extra: str = ""):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        head = "%s %s HTTP/1.1\r\nHost: load\r\nConnection: close\r\n" % (method, target)
+        head = "%s %s HTTP/1.1\r\nHost: load\r\nConnection: close\r\n%s" % (method, target,
+                                                                            extra)
         if body or method == "POST":
             head += "Content-Length: %d\r\n" % len(body)
         writer.write(head.encode() + b"\r\n")
@@ -131,4 +132,49 @@ def test_200_concurrent_clients_no_errors_no_leaks(gateways):
     rss1, fds1 = footprint(gw.pid)
     assert rss1 <= rss0 + 16 * 1024 * 1024, "RSS grew from %.1f to %.1f MiB" % (
         rss0 / 2**20, rss1 / 2**20)
+    assert gw.interrupt() == 0
+
+
+async def service_client(port: int, until: float, rng: random.Random, tally: Counter,
+                         errors: list, image: bytes) -> None:
+    while time.monotonic() < until:
+        try:
+            if rng.random() < 0.6:
+                kind = "stats"
+                status, data = await exchange(port, "GET", "/api/deepfake/stats")
+                ok = status == 200 and "model_loaded" in json.loads(data)
+            else:
+                kind = "analyze"
+                status, data = await exchange(port, "POST", "/api/deepfake/analyze", image,
+                                              "Content-Type: image/png\r\n")
+                ok = status == 200 and json.loads(data)["image"]["bytes"] == len(image)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, KeyError) as exc:
+            errors.append("%s: %r" % (kind, exc))
+            continue
+        if ok:
+            tally[kind] += 1
+        else:
+            errors.append("%s: %d %r" % (kind, status, data[:200]))
+
+
+@pytest.mark.timeout(120)
+def test_200_concurrent_clients_on_the_real_service_see_only_its_answers(gateways):
+    """The real service (development server) behind the keep-alive upstream pool: every answer
+    is the service's own 200; no 502/503/504 or cut connection made by the gateway."""
+    gw = gateways()
+    image = encode(noise_image(96, 5))
+
+    async def run() -> tuple:
+        tally: Counter = Counter()
+        errors: list = []
+        until = time.monotonic() + 4.0
+        await asyncio.wait_for(asyncio.gather(*[
+            service_client(gw.port, until, random.Random(i), tally, errors, image)
+            for i in range(CLIENTS)]), 60)
+        return tally, errors
+
+    tally, errors = asyncio.run(run())
+    assert not errors, "%d errors, e.g. %s" % (len(errors), errors[:10])
+    assert tally["stats"] >= 50 and tally["analyze"] >= 20, tally
+    assert gw.status()["service"]["state"] == "ready"
     assert gw.interrupt() == 0
