@@ -30,10 +30,19 @@ MARKER = "TG_RELIABILITY_TAG"
 ERROR_KEYS = {"error", "message", "suggestion", "timestamp"}
 
 
+_HANDED_OUT: set = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port never handed out before in this run (the gateway's and the child's port
+    are picked one after the other: the OS could offer the same one twice)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def port_is_free(port: int) -> bool:
