@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Optional, Tuple
+from typing import Optional
 
 STATS = {"training_samples": 0, "model_loaded": True, "last_updated": None}
 

@@ -9,6 +9,9 @@
 """
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
 import socket
 import time
@@ -125,3 +128,52 @@ def orphans():
     guard = OrphanGuard()
     yield guard
     guard.check()
+
+
+# --- for tests that drive PythonBridge directly ----------------------------------------------
+
+FAST = dict(health_interval=100, health_timeout=5000, health_retries=50,
+            shutdown_timeout=2000)
+
+
+def child_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TORNADO_GATEWAY_PID", "CRASH_AFTER", "SLOW_START")}
+    env.update(extra)
+    return env
+
+
+def make_bridge(orphans, name: str, sink, env=None, **overrides):
+    """A PythonBridge running test child ``name`` on a port owned by the test, with fast
+    health settings (100 ms interval); ``overrides`` are FlaskConfig fields."""
+    from tornado_gateway.bridge import PythonBridge
+    from tornado_gateway.config import FlaskConfig
+
+    settings = dict(FAST, script=script(name), port=orphans.port())
+    settings.update(overrides)
+    return PythonBridge(FlaskConfig(**settings), sink=sink, environ=env or child_env())
+
+
+async def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+    return True
+
+
+def messages(caplog, logger: str = "tornado_gateway", level: int = logging.DEBUG) -> list:
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith(logger) and r.levelno >= level]
+
+
+async def fetch_json(url: str) -> tuple:
+    from tornado.httpclient import AsyncHTTPClient
+
+    client = AsyncHTTPClient(force_instance=True)
+    try:
+        response = await client.fetch(url, raise_error=False, request_timeout=5)
+        return response.code, json.loads(response.body or b"null")
+    finally:
+        client.close()

@@ -16,55 +16,13 @@ import time
 import psutil
 import pytest
 
-from gw_realproc import pid_alive, port_is_free, script
+from gw_realproc import (FAST, child_env, fetch_json, make_bridge, messages, pid_alive,
+                         port_is_free, script, wait_for)
 from tornado_gateway.bridge import PythonBridge
 from tornado_gateway.config import FlaskConfig, load_config
 from tornado_gateway.state import BridgeState as S
 
 pytestmark = pytest.mark.integration
-
-FAST = dict(health_interval=100, health_timeout=5000, health_retries=50,
-            shutdown_timeout=2000)
-
-
-def child_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TORNADO_GATEWAY_PID", "CRASH_AFTER", "SLOW_START")}
-    env.update(extra)
-    return env
-
-
-def make_bridge(orphans, name: str, sink, env=None, **overrides) -> PythonBridge:
-    settings = dict(FAST, script=script(name), port=orphans.port())
-    settings.update(overrides)
-    return PythonBridge(FlaskConfig(**settings), sink=sink, environ=env or child_env())
-
-
-async def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(interval)
-    return True
-
-
-def messages(caplog, logger: str = "tornado_gateway", level: int = logging.DEBUG) -> list:
-    return [r.getMessage() for r in caplog.records
-            if r.name.startswith(logger) and r.levelno >= level]
-
-
-async def fetch_json(url: str) -> tuple:
-    from tornado.httpclient import AsyncHTTPClient
-    import json
-
-    client = AsyncHTTPClient(force_instance=True)
-    try:
-        response = await client.fetch(url, raise_error=False, request_timeout=5)
-        return response.code, json.loads(response.body or b"null")
-    finally:
-        client.close()
-
 
 # --- property 1: a healthy child becomes ready ---------------------------------------------
 

@@ -11,8 +11,7 @@ import time
 import psutil
 import pytest
 
-from gw_realproc import pid_alive, port_is_free, script
-from test_bridge_real import child_env, make_bridge, messages, wait_for
+from gw_realproc import child_env, make_bridge, messages, pid_alive, port_is_free, wait_for
 from tornado_gateway.state import BridgeState as S
 
 pytestmark = pytest.mark.integration
