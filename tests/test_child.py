@@ -362,3 +362,16 @@ def test_posix_kill_leftovers_kills_the_exited_childs_group():
 def test_windows_kill_leftovers_is_nothing():
     # taskkill /T already took the tree; an exited parent leaves nothing to name on Windows
     assert windows().kill_leftovers(handle(777, FakePopen([]))) == ""
+
+
+def test_windows_kill_tree_without_taskkill_still_kills_the_child_and_descendants():
+    def no_taskkill(argv, **kwargs):
+        raise FileNotFoundError(2, "The system cannot find the file specified", "taskkill")
+
+    killed = []
+    p = FakePopen([])
+    ctl = WindowsProcessControl(popen=FakePopen, run=no_taskkill, start_thread=lambda f: None,
+                                kill_processes=lambda procs: killed.extend(procs) or len(procs))
+    done = ctl.kill_tree(handle(777, p), ["d1", "d2"])  # used to raise: stop() never ended
+    assert p.killed and killed == ["d1", "d2"]
+    assert "not run" in done and done.endswith("and 2 descendant(s)")

@@ -321,10 +321,13 @@ class WindowsProcessControl(ProcessControl):
             return "nothing (process already gone)"
 
     def kill_tree(self, handle, descendants):
-        result = self._run(["taskkill", "/PID", str(handle.pid), "/T", "/F"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        done = "taskkill /PID %d /T /F (exit %s)" % (handle.pid, result.returncode)
-        if result.returncode != 0:
+        try:
+            returncode = self._run(["taskkill", "/PID", str(handle.pid), "/T", "/F"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE).returncode
+        except OSError as exc:  # taskkill not on PATH: at least kill the child itself
+            returncode = "not run: %s" % exc
+        done = "taskkill /PID %d /T /F (exit %s)" % (handle.pid, returncode)
+        if returncode != 0:
             # taskkill fails if the parent is already gone; its orphans still need killing
             try:
                 handle.popen.kill()
