@@ -54,6 +54,7 @@ def gateways(tmp_path: Any):
 
 
 def _shared(tmp_path_factory: Any, name: str, args: List[str], env: Dict[str, str]):
+    """One gateway shared by a module's non-destructive tests; Ctrl+C must end it with 0."""
     factory = GatewayFactory(str(tmp_path_factory.mktemp(name)))
     gw = factory(args, env)
     yield gw
@@ -66,20 +67,20 @@ def _shared(tmp_path_factory: Any, name: str, args: List[str], env: Dict[str, st
     assert not problems, problems
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def service_gw(tmp_path_factory: Any):
     """Development mode, the real service, small pixel limit so bombs are cheap to build."""
     yield from _shared(tmp_path_factory, "service-dev", ["--max-body", "8M"],
                        {"DEEPFAKE_MAX_PIXELS": "4000000", "DEEPFAKE_MAX_UPLOAD": "4194304"})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def service_prod_gw(tmp_path_factory: Any):
     """Production mode (waitress), the real service."""
     yield from _shared(tmp_path_factory, "service-prod", ["--mode", "production"], {})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def echo_gw(tmp_path_factory: Any):
     """The echo child behind a gateway with a 1 MiB body limit and short timeouts: idle 2 s,
     body stall 1.5 s, whole proxied exchange 3 s."""
