@@ -352,3 +352,29 @@ def test_proxy_never_invents_a_content_type(echo_gw, service_gw):
     assert resp.status == 415 and "'(none)'" in resp.json()["message"], resp
     form = service_gw.request("POST", "/api/deepfake/feedback", b"label=real&analysis_id=x")
     assert form.status == 400 and form.json()["error"] == "Invalid label", form
+
+
+@pytest.mark.timeout(30)
+def test_many_slow_clients_neither_block_others_nor_stay(echo_gw):
+    """200 slow-header connections at once: a normal request is still answered at once, and
+    the gateway drops every slow one after its idle timeout (2 s here)."""
+    slow = []
+    try:
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", echo_gw.port), timeout=5)
+            sock.sendall(b"GET /api/deepfake/stats HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+            slow.append(sock)
+        started = time.monotonic()
+        resp = echo_gw.get("/api/deepfake/stats", timeout=5)
+        assert resp.status == 200 and time.monotonic() - started < 1.5
+        deadline = time.monotonic() + 6
+        for sock in slow:
+            sock.settimeout(max(0.05, deadline - time.monotonic()))
+            try:
+                assert sock.recv(1024) == b""  # closed by the gateway, nothing sent
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() < deadline
+    finally:
+        for sock in slow:
+            sock.close()
