@@ -286,8 +286,10 @@
       steps.push("Wait a few seconds — this page updates by itself when the service is ready.");
     } else if (state === "unhealthy") {
       steps.push("Wait a little: the service may be busy (for example retraining) and recover by itself.");
-    } else if (state === "exited" || state === "failed") {
-      steps.push("If the gateway was started with `--auto-restart N`, wait a few seconds: it restarts the service and this page updates by itself.");
+    } else if (state === "exited" && (get(svc, "auto_restart") || 0) > (get(svc, "restarts") || 0)) {
+      steps.push("Wait a few seconds: the gateway restarts the service by itself (restart " +
+                 ((get(svc, "restarts") || 0) + 1) + " of " + get(svc, "auto_restart") +
+                 ") and this page updates when it is back.");
     }
     if (get(svc, "external")) {
       steps.push("The service runs separately from the gateway" +
