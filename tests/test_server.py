@@ -141,10 +141,7 @@ def test_configure_logging_by_mode(mode):
     assert ("debug detail" in out) is (mode == DEVELOPMENT)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ports import free_port  # noqa: E402  (never the same port twice in a run)
 
 
 def test_serve_with_stop_event_returns_zero_and_stops_the_child(gw_fakes, keep_http_client_config,

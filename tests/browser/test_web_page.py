@@ -88,10 +88,7 @@ def _browser_conftest() -> Any:
 
 # ------------------------------------------------------------------------------ helpers
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ports import free_port as _free_port  # noqa: E402  (never the same port twice)
 
 
 def _get_json(url: str, timeout: float = 5.0) -> Dict[str, Any]:

@@ -33,10 +33,7 @@ def script(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from ports import free_port  # noqa: E402  (never the same port twice in a run)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
