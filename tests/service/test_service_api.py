@@ -9,7 +9,7 @@ import threading
 import pytest
 from PIL import Image
 
-from conftest import encode, nearest_upsampled, pink_noise
+from service_images import encode, nearest_upsampled, pink_noise
 
 API = "/api/deepfake"
 ERROR_KEYS = {"error", "message", "suggestion", "timestamp"}

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PYTHON_DIR
+from service_images import PYTHON_DIR
 from deepfake import baseline_set
 from deepfake.model import BASELINE_PATH, read_model
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import nearest_upsampled, pink_noise
+from service_images import nearest_upsampled, pink_noise
 from deepfake import features
 
 N = features.CROP

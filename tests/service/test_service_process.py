@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import PYTHON_DIR, encode, pink_noise
+from service_images import PYTHON_DIR, encode, pink_noise
 
 SCRIPT = os.path.join(PYTHON_DIR, "api_server.py")
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import PYTHON_DIR
+from service_images import PYTHON_DIR
 from deepfake import features
 from deepfake.store import ImageRecord, Store
 
