@@ -14,21 +14,20 @@ import string
 import types
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
-from tornado_gateway import child as child_mod
 from tornado_gateway.app import make_app
-from tornado_gateway.child import (ChildHandle, detect_python, path_candidates,
+from tornado_gateway.child import (detect_python, path_candidates,
                                    process_control_for, resolve_script, stop_description)
 from tornado_gateway.config import (DEVELOPMENT, MAX_MS, PRODUCTION, FlaskConfig,
                                     GatewayConfig, load_config)
 from tornado_gateway.logpump import PREFIX, LogPump, log_sink
-from tornado_gateway.server import SignalCatcher, configure_logging, log_level_for, serve
+from tornado_gateway.server import configure_logging, log_level_for, serve
 from tornado_gateway.state import BridgeState
 
 S = BridgeState

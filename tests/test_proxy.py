@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
 import pytest
 import tornado.web
@@ -28,7 +28,6 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.tcpclient import TCPClient
 from tornado.tcpserver import TCPServer
 
-from tornado_gateway import errors
 from tornado_gateway.config import GatewayConfig
 from tornado_gateway.proxy import (
     check_target, client_response_headers, configure_http_client, has_request_body,

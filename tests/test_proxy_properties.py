@@ -11,9 +11,8 @@ import hashlib
 import json
 import os
 import sys
-import time
 import urllib.parse
-from typing import Any, List, Tuple
+from typing import List, Tuple
 
 import pytest
 import tornado.web

@@ -2,7 +2,6 @@
 with a bridge on fakes (no real child)."""
 import asyncio
 import logging
-import os
 import signal
 import socket
 import threading
@@ -141,7 +140,6 @@ def test_configure_logging_by_mode(mode):
     assert ("debug detail" in out) is (mode == DEVELOPMENT)
 
 
-from ports import free_port  # noqa: E402  (never the same port twice in a run)
 
 
 def test_serve_with_stop_event_returns_zero_and_stops_the_child(gw_fakes, keep_http_client_config,

@@ -17,11 +17,9 @@ Run: ``python -m pytest tests/browser -v``
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
