@@ -190,6 +190,28 @@ def test_poke_checks_at_once_and_does_not_count_as_a_retry():
     assert took < 10.0  # the pokes cut the 10 s interval
 
 
+def test_a_poke_during_a_failing_check_is_not_lost():
+    async def main():
+        poked = asyncio.Event()
+        calls = []
+
+        async def check():
+            calls.append(1)
+            if len(calls) == 1:
+                poked.set()  # the child says "listening" while the first connect is refused
+                await asyncio.sleep(0)
+            return HealthResult(len(calls) == 2, "x", 0.0)
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        result = await wait_until_healthy(check, 5.0, 3, 60.0, poked=poked)
+        return result, len(calls), loop.time() - t0
+
+    result, n, took = asyncio.run(main())
+    assert result is not None and result.ok and n == 2
+    assert took < 1.0  # the second check followed the poke, not the 5 s interval
+
+
 # --- HealthMonitor -------------------------------------------------------------------------
 
 def test_monitor_reports_every_tick_and_stops():

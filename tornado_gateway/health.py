@@ -20,6 +20,7 @@ from tornado.ioloop import PeriodicCallback
 
 HEALTH_PATH = "/api/deepfake/stats"
 REQUIRED_KEYS = ("training_samples", "model_loaded", "last_updated")
+POKE_MIN_GAP_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,11 @@ async def wait_until_healthy(
     attempts = 0
     extra = False
     while alive():
+        checked_at = clock()
+        if poked is not None:
+            # cleared before the check, not after: a poke that arrives while the check is in
+            # flight ("Running on ..." printed just after a refused connect) must not be lost
+            poked.clear()
         result = await check()
         on_result(result)
         if result.ok:
@@ -132,10 +138,11 @@ async def wait_until_healthy(
         extra = False
         wait = min(interval_s, remaining)
         if poked is not None:
-            poked.clear()
             try:
                 await asyncio.wait_for(poked.wait(), wait)
                 extra = True
+                # a chatty child pokes on every line: at most one extra check per gap
+                await asyncio.sleep(max(0.0, POKE_MIN_GAP_S - (clock() - checked_at)))
                 continue
             except asyncio.TimeoutError:
                 pass
