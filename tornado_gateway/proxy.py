@@ -17,10 +17,13 @@ What the handler promises (the "Proxy contract" in ARCHITECTURE.md):
   written and flushed to the client before the next one is read from the child.
 * Hop-by-hop headers are dropped both ways, ``Expect`` is dropped, ``X-Forwarded-For/-Proto/
   -Host`` are added; every other header (repeats included), the status and the reason phrase
-  are kept.
+  are kept, and none is invented (Tornado's clients would add a form Content-Type to a POST).
 * The bridge's state gates every request: ready -> proxied; starting/unhealthy -> a bounded
   wait for readiness; anything else -> JSON 503 without touching the network.
-* Errors the gateway makes itself are JSON (``errors.py``): 400, 404, 413, 501, 502, 503, 504.
+* Errors the gateway makes itself are JSON (``errors.py``): 400, 404, 408, 413, 501, 502, 503,
+  504. Ambiguous body framing (Content-Length with Transfer-Encoding, conflicting lengths)
+  is refused (400) before the child is contacted; a body that stalls for ``body_timeout``
+  gets 408.
   Once the response head has gone out, an upstream failure closes the client connection, so a
   truncated body is never presented as complete.
 * A client that goes away aborts the upstream exchange: the child sees an incomplete request,
