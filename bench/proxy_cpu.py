@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Gateway CPU per proxied request: the steadiest figure on a shared, noisy machine.
+
+    python bench/proxy_cpu.py                         # this tree, ~1 minute
+    python bench/proxy_cpu.py --variant base=/tmp/base --variant new=.  --rounds 5
+
+Each variant is a directory holding a ``tornado_gateway`` package (put first on PYTHONPATH),
+so an older version can be compared with the working tree (e.g. ``git archive HEAD
+tornado_gateway | tar -x -C /tmp/base``). Every variant runs as shipped (``python -m
+tornado_gateway --mode production``) with ``bench/backend.py`` (Flask on waitress) as child.
+Per round, in an order that rotates from round to round, each variant gets a tiny GET load
+with ``wrk`` (fixed duration) at 1 and at 32 keep-alive connections, directly on its child and
+through the gateway. Reported per variant and connection count, as median (min..max) over the
+rounds:
+
+* ``cpu_us``: gateway process CPU (user + system, psutil) per request during the run;
+* ``ratio``: gateway requests/s / direct requests/s (the adjacent direct run, same child);
+* ``p50_ms``: gateway p50 latency (wrk).
+
+127.0.0.1 only; every process started here is stopped by PID at the end (also on error).
+Results also go to ``bench/results/proxy_cpu.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BACKEND = os.path.join(HERE, "backend.py")
+HOST = "127.0.0.1"
+PATH = "/api/deepfake/tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def cpu_s(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def wrk(port: int, conns: int, duration: float) -> Dict[str, Any]:
+    argv = ["wrk", "-t%d" % max(1, min(conns, 2)), "-c%d" % conns, "-d%ds" % duration,
+            "--latency", "--timeout", "5s", "http://%s:%d%s" % (HOST, port, PATH)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 20,
+                         check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    n = int(re.search(r"(\d+) requests in", out).group(1))
+    m = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+    p50 = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)] if m else None
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if bad and int(bad.group(1)):
+        raise RuntimeError("non-2xx responses:\n" + out)
+    return {"rps": rps, "requests": n, "p50_ms": p50}
+
+
+class Gateway:
+    def __init__(self, name: str, src: str, env: Dict[str, str], log_dir: str) -> None:
+        self.name = name
+        self.gport, self.fport = free_port(), free_port()
+        env = dict(env, PYTHONPATH=os.path.abspath(src))
+        self.log = open(os.path.join(log_dir, "proxy_cpu-%s.log" % name), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tornado_gateway", "--host", HOST, "--port", str(self.gport),
+             "--flask-port", str(self.fport), "--flask-script", BACKEND, "--mode",
+             "production"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("gateway %s exited (%s)" % (self.name, self.proc.returncode))
+            with contextlib.suppress(Exception):
+                with urllib.request.urlopen("http://%s:%d%s" % (HOST, self.gport, PATH),
+                                            timeout=2) as r:
+                    if r.status == 200:
+                        return
+            time.sleep(0.1)
+        raise RuntimeError("gateway %s not ready" % self.name)
+
+    def stop(self) -> None:
+        import psutil
+
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            kids = []
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        _gone, alive = psutil.wait_procs(kids, timeout=3)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        self.log.close()
+
+
+def spread(vals: List[float]) -> Dict[str, float]:
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--variant", action="append", default=[],
+                    help="name=DIR (DIR holds a tornado_gateway package); default this tree")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
+    ap.add_argument("--conns", type=int, nargs="+", default=[1, 32])
+    args = ap.parse_args(argv)
+    variants = [v.split("=", 1) for v in args.variant] or [["tree", ROOT]]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GATEWAY_", "FLASK_", "DEEPFAKE_", "TORNADO_GATEWAY"))}
+    data_dir = tempfile.mkdtemp(prefix="proxy_cpu-")
+    env["DEEPFAKE_DATA_DIR"] = data_dir
+    log_dir = os.path.join(HERE, "results", "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    gateways: List[Gateway] = []
+    raw: Dict[str, Dict[int, List[Dict[str, float]]]] = {
+        name: {c: [] for c in args.conns} for name, _ in variants}
+    try:
+        for name, src in variants:
+            gateways.append(Gateway(name, src, env, log_dir))
+        for gw in gateways:
+            gw.wait_ready()
+            wrk(gw.gport, 8, 1)  # warm-up: upstream pool, imports, caches
+        for r in range(args.rounds):
+            order = gateways[r % len(gateways):] + gateways[:r % len(gateways)]
+            for conns in args.conns:
+                for gw in order:
+                    direct = wrk(gw.fport, conns, args.duration)
+                    before = cpu_s(gw.proc.pid)
+                    res = wrk(gw.gport, conns, args.duration)
+                    used = cpu_s(gw.proc.pid) - before
+                    row = {"cpu_us": used / res["requests"] * 1e6,
+                           "ratio": res["rps"] / direct["rps"], "rps": res["rps"],
+                           "direct_rps": direct["rps"], "p50_ms": res["p50_ms"],
+                           "direct_p50_ms": direct["p50_ms"]}
+                    raw[gw.name][conns].append(row)
+                    print("round %d %-8s c=%-3d cpu %6.0f us/req  ratio %.2f  rps %6.0f "
+                          "(direct %6.0f)  p50 %.2f ms (direct %.2f)"
+                          % (r, gw.name, conns, row["cpu_us"], row["ratio"], row["rps"],
+                             row["direct_rps"], row["p50_ms"] or 0, row["direct_p50_ms"] or 0),
+                          file=sys.stderr, flush=True)
+    finally:
+        for gw in gateways:
+            gw.stop()
+    summary: Dict[str, Any] = {}
+    print("\nvariant   conns  cpu_us/req          ratio gw/direct     p50 ms (gateway)")
+    for name, _ in variants:
+        for conns in args.conns:
+            rows = raw[name][conns]
+            s = {k: spread([row[k] for row in rows]) for k in ("cpu_us", "ratio", "p50_ms")}
+            summary["%s/c%d" % (name, conns)] = s
+            print("%-9s %5d  %4.0f (%4.0f..%4.0f)   %.2f (%.2f..%.2f)    %.2f (%.2f..%.2f)"
+                  % (name, conns, *[s["cpu_us"][k] for k in ("median", "min", "max")],
+                     *[s["ratio"][k] for k in ("median", "min", "max")],
+                     *[s["p50_ms"][k] for k in ("median", "min", "max")]))
+    with open(os.path.join(HERE, "results", "proxy_cpu.json"), "w") as f:
+        json.dump({"summary": summary, "raw": raw, "args": vars(args)}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
