@@ -30,19 +30,11 @@ MARKER = "TG_RELIABILITY_TAG"
 ERROR_KEYS = {"error", "message", "suggestion", "timestamp"}
 
 
-_HANDED_OUT: set = set()
+if os.path.join(REPO, "tests") not in sys.path:
+    sys.path.append(os.path.join(REPO, "tests"))
 
-
-def free_port() -> int:
-    """A free port never handed out before in this run (the gateway's and the child's port
-    are picked one after the other: the OS could offer the same one twice)."""
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+# the project's shared picker: never the same port twice in a run, across every suite
+from ports import free_port  # noqa: E402,F401
 
 
 def port_is_free(port: int) -> bool:
