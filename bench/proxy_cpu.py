@@ -17,6 +17,11 @@ rounds:
 * ``ratio``: gateway requests/s / direct requests/s (the adjacent direct run, same child);
 * ``p50_ms``: gateway p50 latency (wrk).
 
+``--calls N`` instead: each variant under cProfile (enabled only around the load) serves N
+sequential keep-alive GETs; prints Python function calls per request, overall and for the
+functions whose count differs most between variants. Deterministic: a check that a change
+removes work, where CPU time on a busy machine is too noisy to show a few percent.
+
 127.0.0.1 only; every process started here is stopped by PID at the end (also on error).
 Results also go to ``bench/results/proxy_cpu.json``.
 """
@@ -72,16 +77,49 @@ def wrk(port: int, conns: int, duration: float) -> Dict[str, Any]:
     return {"rps": rps, "requests": n, "p50_ms": p50}
 
 
+# The gateway's command line under cProfile, enabled by SIGUSR1, stopped and dumped by SIGUSR2.
+PROFILE_BOOT = ("import cProfile, signal, sys\n"
+                "prof = cProfile.Profile()\n"
+                "signal.signal(signal.SIGUSR1, lambda *_: prof.enable())\n"
+                "def stop(*_):\n"
+                "    prof.disable()\n"
+                "    prof.dump_stats(sys.argv[1])\n"
+                "signal.signal(signal.SIGUSR2, stop)\n"
+                "from tornado_gateway.__main__ import main\n"
+                "sys.exit(main(sys.argv[2:]))\n")
+
+
+def sequential_gets(port: int, n: int) -> None:
+    """``n`` GETs one after the other on one keep-alive connection (Content-Length bodies)."""
+    req = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\n\r\n" % (PATH, HOST, port)).encode()
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        buf = b""
+        for _ in range(n):
+            s.sendall(req)
+            while b"\r\n\r\n" not in buf:
+                buf += s.recv(65536)
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError("unexpected answer: %r" % head[:200])
+            length = int(re.search(rb"(?im)^content-length:\s*(\d+)", head).group(1))
+            while len(buf) < length:
+                buf += s.recv(65536)
+            buf = buf[length:]
+
+
 class Gateway:
-    def __init__(self, name: str, src: str, env: Dict[str, str], log_dir: str) -> None:
+    def __init__(self, name: str, src: str, env: Dict[str, str], log_dir: str,
+                 profile_to: Optional[str] = None) -> None:
         self.name = name
         self.gport, self.fport = free_port(), free_port()
+        # cwd too: "-m"/"-c" put the working directory first on sys.path, before PYTHONPATH
         env = dict(env, PYTHONPATH=os.path.abspath(src))
         self.log = open(os.path.join(log_dir, "proxy_cpu-%s.log" % name), "ab")
+        boot = ["-m", "tornado_gateway"] if profile_to is None else ["-c", PROFILE_BOOT, profile_to]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tornado_gateway", "--host", HOST, "--port", str(self.gport),
+            [sys.executable] + boot + ["--host", HOST, "--port", str(self.gport),
              "--flask-port", str(self.fport), "--flask-script", BACKEND, "--mode",
-             "production"], cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+             "production"], cwd=os.path.abspath(src), env=env, stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -123,6 +161,49 @@ def spread(vals: List[float]) -> Dict[str, float]:
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
 
 
+def count_calls(variants: List[List[str]], env: Dict[str, str], log_dir: str, n: int) -> int:
+    import pstats
+
+    per_func: Dict[str, Dict[str, float]] = {}
+    for name, src in variants:
+        out = os.path.join(tempfile.mkdtemp(prefix="proxy_cpu-prof-"), "gw.prof")
+        gw = Gateway(name, src, env, log_dir, profile_to=out)
+        try:
+            gw.wait_ready()
+            sequential_gets(gw.gport, 200)  # warm-up, not profiled
+            os.kill(gw.proc.pid, signal.SIGUSR1)
+            time.sleep(0.2)
+            sequential_gets(gw.gport, n)
+            time.sleep(0.2)
+            os.kill(gw.proc.pid, signal.SIGUSR2)
+            for _ in range(100):
+                if os.path.exists(out) and os.path.getsize(out):
+                    break
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            gw.stop()
+        stats = pstats.Stats(out).stats  # type: ignore[attr-defined]
+        total = 0
+        for (filename, line, func), (_cc, nc, _tt, _ct, _callers) in stats.items():
+            if "select" in func and ("epoll" in func or filename.endswith("selectors.py")):
+                continue
+            total += nc
+            key = "%s:%d(%s)" % (filename.split("site-packages" + os.sep)[-1]
+                                 .replace(os.path.abspath(src) + os.sep, ""),
+                                 line if "tornado_gateway" not in filename else 0, func)
+            per_func.setdefault(key, {})[name] = per_func.get(key, {}).get(name, 0) + nc / n
+        print("%-9s %7.0f Python-level calls per request" % (name, total / n))
+    names = [name for name, _ in variants]
+    if len(names) > 1:
+        diffs = sorted(per_func.items(), key=lambda kv: -abs(
+            kv[1].get(names[-1], 0) - kv[1].get(names[0], 0)))
+        print("\ncalls/request  %s" % "  ".join("%8s" % x for x in names))
+        for key, counts in diffs[:40]:
+            print("  %s  %s" % ("  ".join("%8.1f" % counts.get(x, 0) for x in names), key))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", action="append", default=[],
@@ -130,6 +211,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=3, help="seconds per wrk run")
     ap.add_argument("--conns", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--calls", type=int, default=0, metavar="N",
+                    help="count Python calls per request over N requests instead")
     args = ap.parse_args(argv)
     variants = [v.split("=", 1) for v in args.variant] or [["tree", ROOT]]
     env = {k: v for k, v in os.environ.items()
@@ -138,6 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     env["DEEPFAKE_DATA_DIR"] = data_dir
     log_dir = os.path.join(HERE, "results", "logs")
     os.makedirs(log_dir, exist_ok=True)
+    if args.calls:
+        return count_calls(variants, env, log_dir, args.calls)
     gateways: List[Gateway] = []
     raw: Dict[str, Dict[int, List[Dict[str, float]]]] = {
         name: {c: [] for c in args.conns} for name, _ in variants}

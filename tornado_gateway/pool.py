@@ -50,10 +50,17 @@ raise (or return an awaitable that raises). Both close the upstream socket at on
 never pooled. A raising callback makes the fetch fail with ``HTTPStreamClosedError``
 (599, like the simple client), the callback's exception as ``__cause__``. A body
 producer that raises also closes the socket.
+
+Parsed head
+-----------
+A ``header_callback`` object with a ``head_received(start_line, headers)`` method is given
+the parsed head in that one call instead of the raw lines (other clients keep calling the
+object itself with lines): a caller that would parse the lines again saves that work.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import functools
@@ -65,14 +72,14 @@ from collections.abc import Awaitable, Callable
 from io import BytesIO
 from typing import Any, Optional
 
-from tornado import gen, httputil, version
+from tornado import httputil, version
 from tornado.concurrent import Future
 from tornado.escape import _unicode
 from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
-from tornado.log import gen_log
+from tornado.log import app_log, gen_log
 from tornado.netutil import OverrideResolver, Resolver, is_valid_ip
 from tornado.simple_httpclient import (
     HTTPStreamClosedError,
@@ -411,6 +418,16 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
             self._sweeper = self.io_loop.call_at(next_due, self._sweep)
 
 
+def _nodelay_pinned(value: bool) -> None:
+    """``set_nodelay`` of a pooled stream: TCP_NODELAY stays on (set once in _connect)."""
+
+
+def _log_run_failure(task: "asyncio.Future[None]") -> None:
+    # run() turns every Exception into the request's answer; anything else is a bug.
+    if not task.cancelled() and task.exception() is not None:
+        app_log.error("Exception in KeepAliveHTTPClient request", exc_info=task.exception())
+
+
 class _PooledConnection(httputil.HTTPMessageDelegate):
     """One request: get a stream (pooled or new), exchange, then pool or close it."""
 
@@ -438,6 +455,10 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         self._body_producer = request.body_producer
         self._streaming_callback = request.streaming_callback
         self._header_callback = request.header_callback
+        # A header_callback with a ``head_received(start_line, headers)`` method gets the
+        # parsed head in one call instead of one formatted line per header, which it would
+        # only parse again (the gateway's proxy does this).
+        self._head_received = getattr(self._header_callback, "head_received", None)
         self._expect_100 = bool(request.expect_100_continue)
         self._decompress = bool(request.decompress_response)
         self.release_callback: Callable[[], None] | None = release_callback
@@ -468,7 +489,9 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
                 self.start_time + request_timeout,
                 functools.partial(self._on_timeout, "during request"),
             )
-        self.io_loop.add_future(gen.convert_yielded(self.run()), lambda f: f.result())
+        # A task with its own done callback: IOLoop.add_future would add a loop iteration
+        # per request just to look at the result.
+        asyncio.ensure_future(self.run()).add_done_callback(_log_run_failure)
 
     def abort(self) -> None:
         """Stop now without answering: close the stream (never pooled), free the slot."""
@@ -657,6 +680,12 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         if self._done:
             stream.close()
             return None
+        # Upstream writes are whole request heads and body chunks: none should wait for
+        # Nagle + delayed ACK. HTTP1Connection turns TCP_NODELAY on and off again around
+        # every message (three setsockopt calls per request, each a Python call chain and a
+        # system call); set it once for the connection's life and make those calls no-ops.
+        stream.set_nodelay(True)
+        stream.set_nodelay = _nodelay_pinned  # type: ignore[method-assign]
         return stream
 
     def _prepare_headers(self, parsed: urllib.parse.SplitResult) -> None:
@@ -716,9 +745,7 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
     async def _exchange(
         self, stream: IOStream, start_line: httputil.RequestStartLine
     ) -> None:
-        # Small header and body writes must not wait for Nagle + delayed ACK
-        # (HTTP1Connection switches nodelay off again when a request is finished).
-        stream.set_nodelay(True)
+        # TCP_NODELAY is on for the whole life of the connection (see _connect).
         self.connection = HTTP1Connection(
             stream,
             True,
@@ -825,10 +852,13 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         header_callback = self._header_callback
         if header_callback is not None:
             try:
-                header_callback("%s %s %s\r\n" % first_line)
-                for k, v in headers.get_all():
-                    header_callback(f"{k}: {v}\r\n")
-                header_callback("\r\n")
+                if self._head_received is not None:
+                    self._head_received(first_line, headers)
+                else:
+                    header_callback("%s %s %s\r\n" % first_line)
+                    for k, v in headers.get_all():
+                        header_callback(f"{k}: {v}\r\n")
+                    header_callback("\r\n")
             except Exception as e:
                 self._callback_failed("header_callback", e)
 

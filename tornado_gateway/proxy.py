@@ -47,6 +47,7 @@ from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
+from tornado.log import access_log
 from tornado.queues import Queue
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
@@ -84,12 +85,15 @@ HOP_BY_HOP = frozenset({
 _NEVER_CONNECTION_TOKENS = frozenset({"content-length", "host"})
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+_STANDARD_LOWER = frozenset(m.lower() for m in STANDARD_METHODS)
 # Methods whose upstream request Tornado frames as chunked by itself when no Content-Length is
 # given; a chunked body under any other method is framed by the proxy.
 _SELF_CHUNKING_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _SUSPICIOUS_ENCODED = re.compile(r"%(?:2e|2f|5c|00)", re.IGNORECASE)
+# Anything but visible ASCII (0x21-0x7E): one regex search, not a Python loop per character.
+_NOT_VISIBLE_ASCII = re.compile(r"[^\x21-\x7e]")
 
 
 # --- plain functions: what is forwarded, what is refused ---------------------------------------
@@ -106,7 +110,7 @@ def check_target(path: str, query: str = "") -> Optional[GatewayError]:
     shown = path if len(path) <= 200 else path[:200] + "..."
     if "__debugger__" in _decode_fully(path + "?" + query).lower():
         return errors.not_found(PREFIX + "/...__debugger__")
-    if any(ord(c) < 0x21 or ord(c) > 0x7E for c in path + query):
+    if _NOT_VISIBLE_ASCII.search(path) or _NOT_VISIBLE_ASCII.search(query):
         return errors.bad_request_path(shown, "control, space or non-ASCII characters")
     if not (path == PREFIX or path.startswith(PREFIX + "/")):
         return errors.bad_request_path(shown, "it is outside %s" % PREFIX)
@@ -118,9 +122,9 @@ def check_target(path: str, query: str = "") -> Optional[GatewayError]:
     if "\\" in decoded or "\x00" in decoded or _encoded_at_any_depth(decoded):
         return errors.bad_request_path(shown, "double-encoded characters are not allowed")
     segments = decoded.split("/")[1:]  # the path starts with "/"
-    if any(seg in (".", "..") for seg in segments):
+    if "." in segments or ".." in segments:
         return errors.bad_request_path(shown, "'.' and '..' segments are not allowed")
-    if any(seg == "" for seg in segments[:-1]):  # a trailing slash is fine, "//" is not
+    if "" in segments[:-1]:  # a trailing slash is fine, "//" is not
         return errors.bad_request_path(shown, "empty path segments ('//') are not allowed")
     return None
 
@@ -128,6 +132,8 @@ def check_target(path: str, query: str = "") -> Optional[GatewayError]:
 def _encoded_at_any_depth(text: str, rounds: int = 5) -> bool:
     """True if ``text`` hides an encoded dot, slash, backslash or NUL under any number of
     further percent-decodings (``%2e``, ``%252e``, ``%25252e``...)."""
+    if "%" not in text:  # the common case: nothing encoded, nothing to decode
+        return False
     for _ in range(rounds):
         if _SUSPICIOUS_ENCODED.search(text):
             return True
@@ -140,6 +146,8 @@ def _encoded_at_any_depth(text: str, rounds: int = 5) -> bool:
 
 def _decode_fully(text: str, rounds: int = 5) -> str:
     """Percent- and plus-decode until stable (bounded), for deny-list checks only."""
+    if "%" not in text and "+" not in text:  # the common case: already stable
+        return text
     for _ in range(rounds):
         decoded = urllib.parse.unquote_plus(text, encoding="latin-1")
         if decoded == text:
@@ -326,15 +334,43 @@ class _UpstreamRequest(HTTPRequest):
     @headers.setter
     def headers(self, value: Any) -> None:
         exact = _ExactRequestHeaders()
-        for name, item in (value.get_all() if isinstance(value, httputil.HTTPHeaders)
-                           else (value or {}).items()):
-            exact.add(name, item)
+        as_list = getattr(value, "_as_list", None)
+        if isinstance(value, httputil.HTTPHeaders) and isinstance(as_list, dict):
+            # Copy the field lines as they are instead of add()ing (and re-validating) each:
+            # the names are already normalized, and fetch() copies these headers once more
+            # with add(), which validates every value before anything is sent.
+            exact._as_list = {name: list(values) for name, values in as_list.items()}
+        else:
+            for name, item in (value.get_all() if isinstance(value, httputil.HTTPHeaders)
+                               else (value or {}).items()):
+                exact.add(name, item)
         exact._sealed = True
         self._headers = exact
 
 
 _END = object()  # request body complete
 _ABORT = object()  # request body will never complete: the producer must fail the upload
+
+
+class _HeadCallback:
+    """The upstream request's ``header_callback``.
+
+    Any AsyncHTTPClient calls it with each raw header line. The keep-alive pool calls
+    ``head_received`` instead, once, with the start line and headers it has already parsed:
+    formatting every line only for the proxy to parse it again cost measurable CPU per request.
+    """
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, handler: "DeepfakeProxyHandler") -> None:
+        self._handler = handler
+
+    def __call__(self, line: str) -> None:
+        self._handler._on_header_line(line)
+
+    def head_received(self, start_line: httputil.ResponseStartLine,
+                      headers: httputil.HTTPHeaders) -> None:
+        self._handler._on_head(start_line, headers)
 
 
 def _is_timeout(exc: BaseException) -> bool:
@@ -352,8 +388,10 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         self.bridge = bridge
         self.config = config
         self._t0 = time.monotonic()
-        self._queue: Queue = Queue(maxsize=QUEUE_CHUNKS)
+        # Only a request with a body gets a queue and a separate exchange task (see prepare()).
+        self._queue: Optional[Queue] = None
         self._task: Optional[asyncio.Future] = None
+        self._inline = False  # a bodiless exchange, to run in the method handler itself
         self._fetch: Optional[asyncio.Future] = None
         self._has_body = False
         self._self_framed = False
@@ -382,6 +420,20 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
     def check_xsrf_cookie(self) -> None:
         return None  # the service behind the proxy owns its CSRF policy
 
+    def _log(self) -> None:
+        """Tornado's access log line, skipped when its logger would drop it anyway:
+        ``Application.log_request`` formats the line before the logger decides (and the
+        gateway keeps ``tornado.access`` at WARNING), a cost on every request."""
+        application = self.application
+        if ("log_function" not in application.settings
+                and type(application).log_request is tornado.web.Application.log_request):
+            status = self.get_status()
+            level = (logging.INFO if status < 400 else
+                     logging.WARNING if status < 500 else logging.ERROR)
+            if not access_log.isEnabledFor(level):
+                return
+        super()._log()
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Tornado's own errors (an unexpected exception: 500) as JSON too."""
         self._discard = True
@@ -393,7 +445,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         request = self.request
         method = request.method or ""
         error = check_target(request.path, request.query) or check_framing(request.headers)
-        if error is None and method.lower() not in {m.lower() for m in STANDARD_METHODS} \
+        if error is None and method.lower() not in _STANDARD_LOWER \
                 and hasattr(DeepfakeProxyHandler, method.lower()):
             error = errors.method_not_supported(method)  # would dispatch to a handler method
         if error is not None:
@@ -420,9 +472,15 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         set_body_timeout = getattr(request.connection, "set_body_timeout", None)
         if set_body_timeout is not None:
             set_body_timeout(None)
-        self._task = asyncio.ensure_future(self._exchange())
         if self._has_body:
+            self._queue = Queue(maxsize=QUEUE_CHUNKS)
+            self._task = asyncio.ensure_future(self._exchange())
             self._arm_stall_timer()
+        else:
+            # Nothing to stream up: Tornado calls the method handler as soon as prepare()
+            # returns, so the exchange runs there, in the handler's own task. A task and a
+            # queue per request cost measurable CPU on the common tiny GET.
+            self._inline = True
 
     async def _usable(self) -> bool:
         """Gate on the bridge's state; answers 503 itself and returns False when not usable."""
@@ -440,7 +498,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         return False
 
     async def data_received(self, chunk: bytes) -> None:
-        if self._discard or self._finished:
+        if self._discard or self._finished or self._queue is None:
             return
         self._disarm_stall_timer()
         self._received += len(chunk)
@@ -457,9 +515,17 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
     async def _respond(self, *args: Any, **kwargs: Any) -> None:
         """Every method: the body is complete; let the producer finish, await the exchange."""
         self._disarm_stall_timer()
+        if self._inline:
+            self._inline = False
+            if self._aborted:  # the client left meanwhile: what the exchange would do
+                self._close_client()
+            else:
+                await self._exchange()
+            return
         if self._task is None:
             return
         if self._has_body and not self._discard:
+            assert self._queue is not None
             await self._queue.put(_END)
         await self._task
 
@@ -495,14 +561,15 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
                 item = b"%x\r\n%s\r\n" % (len(item), item)
             await write(item)
 
-    def _cancel_hook(self) -> Optional[Callable[[Any], None]]:
+    def _cancel_hook(self, client: Any = None) -> Optional[Callable[[Any], None]]:
         """For a bodiless request on ``SimpleAsyncHTTPClient`` (which ignores ``cancel()``),
         a body producer that writes nothing and only keeps the upstream connection's
         ``write``, so that a client who leaves while the child is still thinking closes the
         upstream connection at once. Other clients (the keep-alive pool) get None: they
         cancel on ``future.cancel()``, and may retry a bodiless request on a stale connection,
         which they must not do for a body producer."""
-        if not isinstance(AsyncHTTPClient(), SimpleAsyncHTTPClient):
+        if not isinstance(client if client is not None else AsyncHTTPClient(),
+                          SimpleAsyncHTTPClient):
             return None
 
         def capture(write: Any) -> None:
@@ -523,6 +590,16 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         else:
             self._resp_headers.parse_line(line)
 
+    def _on_head(self, start_line: httputil.ResponseStartLine,
+                 headers: httputil.HTTPHeaders) -> None:
+        """The parsed response head (from the keep-alive pool): as the lines above would be."""
+        if self._aborted:
+            raise ProxyAborted("client went away")
+        self._resp_start = start_line
+        self._resp_headers = headers
+        if not 100 <= start_line.code < 200:
+            self._apply_head(start_line.code, start_line.reason, headers)
+
     async def _on_chunk(self, chunk: bytes) -> None:
         if self._aborted or self._finished:
             raise ProxyAborted("client went away")
@@ -537,9 +614,11 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
 
     def _apply_head(self, code: int, reason: Optional[str], headers: httputil.HTTPHeaders) -> None:
         """Status, reason and headers from upstream replace Tornado's defaults."""
-        self.clear()
-        for name in ("Server", "Content-Type", "Date"):
-            self.clear_header(name)
+        # What clear() and clear_header() of the defaults (Server, Content-Type, Date) would
+        # leave, without formatting a Date only to drop it: empty headers, nothing buffered
+        # (nothing is written before the head), the status set just below.
+        self._headers = httputil.HTTPHeaders()
+        self._write_buffer = []
         self.set_status(code, reason if reason is not None else None)
         for name, value in client_response_headers(headers):
             try:
@@ -559,12 +638,13 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         elif not self._has_body and method in _SELF_CHUNKING_METHODS \
                 and "Content-Length" not in headers:
             headers["Content-Length"] = "0"  # else Tornado would announce a chunked body
+        client = AsyncHTTPClient()  # one look-up of the per-loop instance, not two
         upstream = _UpstreamRequest(
             self.bridge.flask_url + request.uri,
             method=method,
             headers=headers,
-            body_producer=self._produce if self._has_body else self._cancel_hook(),
-            header_callback=self._on_header_line,
+            body_producer=self._produce if self._has_body else self._cancel_hook(client),
+            header_callback=_HeadCallback(self),
             streaming_callback=self._on_chunk,
             decompress_response=False,
             follow_redirects=False,
@@ -575,7 +655,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         response: Optional[HTTPResponse] = None
         failure: Optional[BaseException] = None
         try:
-            self._fetch = AsyncHTTPClient().fetch(upstream, raise_error=False)
+            self._fetch = client.fetch(upstream, raise_error=False)
             response = await self._fetch
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -680,8 +760,10 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         """The exchange is over: drop request chunks from now on and free the queue (which
         also releases a data_received blocked on a full queue)."""
         self._discard = True
-        while self._queue.qsize():
-            self._queue.get_nowait()
+        queue = self._queue
+        if queue is not None:
+            while queue.qsize():
+                queue.get_nowait()
 
     def _abort_exchange(self, reason: str) -> None:
         """Make the upstream exchange fail now, whatever phase it is in."""
@@ -690,9 +772,10 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         self._aborted = True
         log.debug("aborting %s %s: %s", self.request.method, self.request.uri, reason)
         self._stop_upload()
-        if self._task is None:
-            return
-        self._queue.put_nowait(_ABORT)  # uploading: the producer raises
+        if self._task is None and self._fetch is None:
+            return  # no exchange started
+        if self._queue is not None:
+            self._queue.put_nowait(_ABORT)  # uploading: the producer raises
         if self._fetch is not None and not self._fetch.done():
             self._fetch.cancel()  # the keep-alive pool closes the upstream socket at once
         # simple_httpclient ignores cancel(): close its connection ourselves (best effort).
