@@ -237,9 +237,14 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
     ) -> None:
         key = object()
         self._last_key = key
-        self.queue.append((key, request, callback))
         assert request.connect_timeout is not None
         assert request.request_timeout is not None
+        if not self.queue and len(self.active) < self.max_clients:
+            # A free slot and nobody waiting: start at once, what _process_queue() would
+            # do with this request right away (without the queue and timeout bookkeeping).
+            self._start(key, request, callback, self.io_loop.time())
+            return
+        self.queue.append((key, request, callback))
         timeout_handle = None
         if len(self.active) >= self.max_clients:
             # As the simple client: a queued request waits at most its connect or
@@ -270,15 +275,24 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
                 continue
             queued_at = self.waiting[key][3]
             self._remove_queue_timeout(key)
-            conn = _PooledConnection(
-                self,
-                request,
-                functools.partial(self._release_fetch, key),
-                callback,
-                queued_at,
-            )
-            self.active[key] = conn
-            conn.start()
+            self._start(key, request, callback, queued_at)
+
+    def _start(
+        self,
+        key: object,
+        request: HTTPRequest,
+        callback: Callable[[HTTPResponse], None],
+        queued_at: float,
+    ) -> None:
+        conn = _PooledConnection(
+            self,
+            request,
+            functools.partial(self._release_fetch, key),
+            callback,
+            queued_at,
+        )
+        self.active[key] = conn
+        conn.start()
 
     def _release_fetch(self, key: object) -> None:
         self.active.pop(key, None)
@@ -522,7 +536,13 @@ class _PooledConnection(httputil.HTTPMessageDelegate):
         if self.final_callback is not None:
             final_callback = self.final_callback
             self.final_callback = None
-            self.io_loop.add_callback(final_callback, response)
+            # Called directly, not through add_callback (which costs an event-loop iteration
+            # per request): it is fetch()'s handle_response, which only resolves the future
+            # (whose waiters run later anyway), and this never runs inside fetch() itself.
+            try:
+                final_callback(response)
+            except Exception:
+                app_log.error("Exception in callback %r", final_callback, exc_info=True)
 
     def _finish_error(self, error: BaseException) -> None:
         if self.final_callback is None:
