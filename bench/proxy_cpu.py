@@ -185,6 +185,7 @@ def count_calls(variants: List[List[str]], env: Dict[str, str], log_dir: str, n:
             gw.stop()
         stats = pstats.Stats(out).stats  # type: ignore[attr-defined]
         total = 0
+        loops = sum(v[1] for k, v in stats.items() if k[2] == "_run_once")
         for (filename, line, func), (_cc, nc, _tt, _ct, _callers) in stats.items():
             if "select" in func and ("epoll" in func or filename.endswith("selectors.py")):
                 continue
@@ -193,7 +194,8 @@ def count_calls(variants: List[List[str]], env: Dict[str, str], log_dir: str, n:
                                  .replace(os.path.abspath(src) + os.sep, ""),
                                  line if "tornado_gateway" not in filename else 0, func)
             per_func.setdefault(key, {})[name] = per_func.get(key, {}).get(name, 0) + nc / n
-        print("%-9s %7.0f Python-level calls per request" % (name, total / n))
+        print("%-9s %7.0f Python-level calls, %5.1f event-loop iterations per request"
+              % (name, total / n, loops / n))
     names = [name for name, _ in variants]
     if len(names) > 1:
         diffs = sorted(per_func.items(), key=lambda kv: -abs(
