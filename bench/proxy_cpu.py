@@ -206,6 +206,33 @@ def count_calls(variants: List[List[str]], env: Dict[str, str], log_dir: str, n:
     return 0
 
 
+def sequential_cpu(variants: List[List[str]], env: Dict[str, str], log_dir: str, n: int,
+                   rounds: int) -> int:
+    """Gateway CPU per request over ``n`` sequential GETs on one connection, variants
+    alternating for ``rounds``; the minimum is the figure least inflated by other load."""
+    gateways = [Gateway(name, src, env, log_dir) for name, src in variants]
+    cpu: Dict[str, List[float]] = {gw.name: [] for gw in gateways}
+    try:
+        for gw in gateways:
+            gw.wait_ready()
+            sequential_gets(gw.gport, 200)
+        for r in range(rounds):
+            for gw in gateways[r % len(gateways):] + gateways[:r % len(gateways)]:
+                before = cpu_s(gw.proc.pid)
+                sequential_gets(gw.gport, n)
+                cpu[gw.name].append((cpu_s(gw.proc.pid) - before) / n * 1e6)
+                print("round %d %-8s %6.0f us/req" % (r, gw.name, cpu[gw.name][-1]),
+                      file=sys.stderr, flush=True)
+    finally:
+        for gw in gateways:
+            gw.stop()
+    print("\nvariant   gateway CPU us/req, %d sequential GETs x %d rounds: min / median (max)"
+          % (n, rounds))
+    for name, vals in cpu.items():
+        print("%-9s %5.0f / %5.0f (%5.0f)" % (name, min(vals), statistics.median(vals), max(vals)))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variant", action="append", default=[],
@@ -215,6 +242,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--conns", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--calls", type=int, default=0, metavar="N",
                     help="count Python calls per request over N requests instead")
+    ap.add_argument("--seq", type=int, default=0, metavar="N",
+                    help="instead: CPU per request over N sequential GETs (own client), "
+                         "--rounds times per variant, alternating")
     args = ap.parse_args(argv)
     variants = [v.split("=", 1) for v in args.variant] or [["tree", ROOT]]
     env = {k: v for k, v in os.environ.items()
@@ -225,6 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(log_dir, exist_ok=True)
     if args.calls:
         return count_calls(variants, env, log_dir, args.calls)
+    if args.seq:
+        return sequential_cpu(variants, env, log_dir, args.seq, args.rounds)
     gateways: List[Gateway] = []
     raw: Dict[str, Dict[int, List[Dict[str, float]]]] = {
         name: {c: [] for c in args.conns} for name, _ in variants}
