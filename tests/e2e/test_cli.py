@@ -227,8 +227,7 @@ def test_cli_gateway_sigkilled_child_exits_by_itself(gateway):
 @pytest.mark.parametrize("mode", ["development", "production"])
 def test_cli_default_script_real_service(gateway, tmp_path, mode):
     service = os.path.join(PROJECT_DIR, "python", "api_server.py")
-    if not os.path.isfile(service):
-        pytest.skip("python/api_server.py is not there yet")
+    assert os.path.isfile(service), "the default service script is part of the project"
     gw = gateway(*(["--production"] if mode == "production" else []),
                  env={"DEEPFAKE_DATA_DIR": str(tmp_path / "data")})
     status = gw.wait_ready(timeout=40)
@@ -358,8 +357,7 @@ def test_cli_reloader_app_leaves_nothing_behind(gateway):
 @pytest.mark.timeout(60)
 def test_cli_default_script_exits_when_the_gateway_is_sigkilled(gateway, tmp_path):
     service = os.path.join(PROJECT_DIR, "python", "api_server.py")
-    if not os.path.isfile(service):
-        pytest.skip("python/api_server.py is not there yet")
+    assert os.path.isfile(service), "the default service script is part of the project"
     gw = gateway(env={"DEEPFAKE_DATA_DIR": str(tmp_path / "data")})
     child = gw.wait_ready(timeout=40)["service"]["pid"]
     gw.proc.kill()
