@@ -701,7 +701,10 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             failure = exc
         finally:
             self._stop_upload()
-        if response is not None and response.code == 599 and response.error is not None:
+        # 599 is also a status a child may really send: only an error the client made up
+        # (not built from the child's response) is a failure
+        if (response is not None and response.code == 599 and response.error is not None
+                and getattr(response.error, "response", None) is not response):
             failure, response = response.error, None
         try:
             if response is not None:
