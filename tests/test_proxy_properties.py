@@ -327,8 +327,9 @@ def test_property_12_request_timing_and_readiness(io_loop, client, bridge, timin
             changed_at.append(loop.time())
             bridge.set_state(target)
 
-        if target is not None:
-            loop.call_later(change_at / 1000.0, change)
+        # cancelled at the end: a change still pending when the requests are over must not
+        # fire during the next example (it would make that example's bridge ready)
+        timer = loop.call_later(change_at / 1000.0, change) if target is not None else None
 
         async def one(i: int, delay_ms: int) -> Tuple[int, int, float, float]:
             await asyncio.sleep(delay_ms / 1000.0)
@@ -340,6 +341,8 @@ def test_property_12_request_timing_and_readiness(io_loop, client, bridge, timin
         try:
             return await asyncio.gather(*(one(i, d) for i, d in enumerate(delays)))
         finally:
+            if timer is not None:
+                timer.cancel()
             server.stop()
 
     results = io_loop.run_sync(scenario)
