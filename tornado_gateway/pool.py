@@ -81,14 +81,20 @@ from io import BytesIO
 from typing import Any, Optional
 
 from tornado import httputil, version
-from tornado.concurrent import Future
+from tornado.concurrent import (
+    Future,
+    future_set_exception_unless_cancelled,
+    future_set_result_unless_cancelled,
+)
 from tornado.escape import _unicode
 from tornado.http1connection import is_transfer_encoding_chunked, parse_hex_int, parse_int
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse, _RequestProxy
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.log import app_log, gen_log
 from tornado.util import GzipDecompressor
+
+from .headers import copy_headers, parse_header_block
 from tornado.netutil import OverrideResolver, Resolver, is_valid_ip, ssl_options_to_context
 from tornado.simple_httpclient import (
     HTTPStreamClosedError,
@@ -206,7 +212,29 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         Cancelling the returned future aborts the request: it leaves the queue, or its
         upstream connection is closed (never pooled) and its ``max_clients`` slot freed.
         """
-        future = super().fetch(request, raise_error=raise_error, **kwargs)
+        # AsyncHTTPClient.fetch() as Tornado writes it, except that the request's headers
+        # are copied without validating every field again (HTTPHeaders checked them when
+        # they were added): the copy protects the caller's object from the Host,
+        # User-Agent... this client adds.
+        if self._closed:
+            raise RuntimeError("fetch() called on closed AsyncHTTPClient")
+        if not isinstance(request, HTTPRequest):
+            request = HTTPRequest(url=request, **kwargs)
+        elif kwargs:
+            raise ValueError("kwargs can't be used if request is an HTTPRequest object")
+        headers = request.headers
+        request.headers = (copy_headers(headers) if isinstance(headers, httputil.HTTPHeaders)
+                           else httputil.HTTPHeaders(headers))
+        future: Future[HTTPResponse] = Future()
+
+        def handle_response(response: HTTPResponse) -> None:
+            if response.error:
+                if raise_error or not response._error_is_response_code:
+                    future_set_exception_unless_cancelled(future, response.error)
+                    return
+            future_set_result_unless_cancelled(future, response)
+
+        self.fetch_impl(_RequestProxy(request, self.defaults), handle_response)  # type: ignore[arg-type]
         key = self._last_key
         self._last_key = None
         if key is not None and not future.done():
@@ -541,6 +569,30 @@ _GZIP_PIECE = 64 * 1024
 _EARLY_BUFFER = 256 * 1024
 
 
+class _Resolved:
+    """A request's attributes, each resolved against the client's defaults."""
+
+    def __getattr__(self, name: str) -> Any:
+        return None  # neither the request nor the defaults have it (as _RequestProxy)
+
+
+def _resolve(request: Any) -> Any:
+    """``_RequestProxy(request, defaults)``'s answers for every attribute, computed once."""
+    real = getattr(request, "request", request)
+    defaults = getattr(request, "defaults", None)
+    resolved = _Resolved()
+    values = resolved.__dict__
+    if defaults:
+        values.update(defaults)
+    for name, value in vars(real).items():
+        if value is not None or name not in values:
+            values[name] = value
+    values["headers"] = real.headers
+    body = real.body
+    values["body"] = body if body is not None else values.get("body")
+    return resolved
+
+
 class _MalformedResponse(Exception):
     """The response broke HTTP/1.1 framing or a limit: the exchange fails with it."""
 
@@ -559,25 +611,28 @@ class _PooledConnection:
         self.io_loop = client.io_loop
         self.client = client
         self.request = request
+        # Every attribute resolved against the client's defaults once, as _RequestProxy does
+        # on each read (two look-ups and a call per read, a few dozen reads per request).
+        opts = self._opts = _resolve(request)
         # IOLoop time of fetch(): time spent in the max_clients queue counts against
         # request_timeout, as AsyncHTTPClient documents.
         self.start_time = start_time
         self.start_wall_time = time.time()
         # Resolved once: every attribute read on the _RequestProxy costs a lookup on
         # the request and then on the defaults, and the hot path reads these often.
-        self._method: str = request.method
-        self._url: str = request.url
-        self._req_headers: httputil.HTTPHeaders = request.headers
-        self._body: bytes | None = request.body
-        self._body_producer = request.body_producer
-        self._streaming_callback = request.streaming_callback
-        self._header_callback = request.header_callback
+        self._method: str = opts.method
+        self._url: str = opts.url
+        self._req_headers: httputil.HTTPHeaders = opts.headers
+        self._body: bytes | None = opts.body
+        self._body_producer = opts.body_producer
+        self._streaming_callback = opts.streaming_callback
+        self._header_callback = opts.header_callback
         # A header_callback with a ``head_received(start_line, headers)`` method gets the
         # parsed head in one call instead of one formatted line per header, which it would
         # only parse again (the gateway's proxy does this).
         self._head_received = getattr(self._header_callback, "head_received", None)
-        self._expect_100 = bool(request.expect_100_continue)
-        self._decompress = bool(request.decompress_response)
+        self._expect_100 = bool(opts.expect_100_continue)
+        self._decompress = bool(opts.decompress_response)
         self._max_body = client.max_body_size or client.max_buffer_size
         self._max_header = client.max_header_size or 65536
         self.release_callback: Callable[[], None] | None = release_callback
@@ -616,7 +671,7 @@ class _PooledConnection:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        request_timeout = self.request.request_timeout
+        request_timeout = self._opts.request_timeout
         if request_timeout:
             self._timeout = self.io_loop.add_timeout(
                 self.start_time + request_timeout,
@@ -702,7 +757,7 @@ class _PooledConnection:
 
     def _setup(self) -> None:
         """Parse the URL, fill in the headers, format the request head."""
-        request = self.request
+        request = self._opts
         parsed = urllib.parse.urlsplit(_unicode(self._url))
         if parsed.scheme not in ("http", "https"):
             raise ValueError("Unsupported url scheme: %s" % self._url)
@@ -828,7 +883,7 @@ class _PooledConnection:
             self._parsing = True
 
     async def _connect(self) -> "_Upstream | None":
-        req = self.request
+        req = self._opts
         if req.connect_timeout and req.request_timeout:
             timeout = min(req.connect_timeout, req.request_timeout)
         else:
@@ -885,7 +940,7 @@ class _PooledConnection:
 
     def _prepare_headers(self, parsed: urllib.parse.SplitResult) -> None:
         """Fill in request headers as the simple client does, minus ``Connection``."""
-        request = self.request
+        request = self._opts
         method = self._method
         if method not in _SUPPORTED_METHODS and not request.allow_nonstandard_methods:
             raise KeyError("unknown method %s" % method)
@@ -1183,7 +1238,7 @@ class _PooledConnection:
         else:
             start_line_text, header_text = text[:eol].rstrip("\r"), text[eol:]
         start_line = httputil.parse_response_start_line(start_line_text)
-        headers = httputil.HTTPHeaders.parse(header_text)
+        headers = parse_header_block(header_text)
         code = start_line.code
         if 100 <= code < 200:
             if "Content-Length" in headers or "Transfer-Encoding" in headers:

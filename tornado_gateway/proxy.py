@@ -54,6 +54,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from . import errors
 from .config import GatewayConfig
 from .errors import GatewayError, write_error_response
+from .headers import copy_headers, empty_headers, headers_from_fields
 
 log = logging.getLogger("tornado_gateway.proxy")
 
@@ -182,7 +183,7 @@ def upstream_request_headers(headers: httputil.HTTPHeaders, remote_ip: Optional[
     repeats kept, with ``X-Forwarded-For`` appended to (or created) and
     ``X-Forwarded-Proto``/``X-Forwarded-Host`` set."""
     named = connection_tokens(headers)
-    out = httputil.HTTPHeaders()
+    fields: List[Tuple[str, str]] = []
     forwarded_for: List[str] = []
     for name, value in headers.get_all():
         lname = name.lower()
@@ -193,15 +194,16 @@ def upstream_request_headers(headers: httputil.HTTPHeaders, remote_ip: Optional[
         if lname == "x-forwarded-for":
             forwarded_for.append(value.strip())
             continue
-        out.add(name, value)
+        fields.append((name, value))
     if remote_ip:
         forwarded_for.append(remote_ip)
     if forwarded_for:
-        out["X-Forwarded-For"] = ", ".join(v for v in forwarded_for if v)
-    out["X-Forwarded-Proto"] = proto
+        fields.append(("X-Forwarded-For", ", ".join(v for v in forwarded_for if v)))
+    fields.append(("X-Forwarded-Proto", proto))
     if host:
-        out["X-Forwarded-Host"] = host
-    return out
+        fields.append(("X-Forwarded-Host", host))
+    # The client's fields were checked when Tornado parsed the request: not again per field.
+    return headers_from_fields(fields)
 
 
 def client_response_headers(headers: httputil.HTTPHeaders) -> List[Tuple[str, str]]:
@@ -217,6 +219,8 @@ def client_response_headers(headers: httputil.HTTPHeaders) -> List[Tuple[str, st
 
 
 _DIGITS = re.compile(r"^[0-9]+$")
+# What RequestHandler.add_header() refuses in a value (it raises ValueError).
+_UNSENDABLE = re.compile(r"[\x00-\x1f]")
 
 
 def check_framing(headers: httputil.HTTPHeaders) -> Optional[GatewayError]:
@@ -345,16 +349,12 @@ class _UpstreamRequest(HTTPRequest):
 
     @headers.setter
     def headers(self, value: Any) -> None:
-        exact = _ExactRequestHeaders()
-        as_list = getattr(value, "_as_list", None)
-        if isinstance(value, httputil.HTTPHeaders) and isinstance(as_list, dict):
-            # Copy the field lines as they are instead of add()ing (and re-validating) each:
-            # the names are already normalized, and fetch() copies these headers once more
-            # with add(), which validates every value before anything is sent.
-            exact._as_list = {name: list(values) for name, values in as_list.items()}
+        if isinstance(value, httputil.HTTPHeaders):
+            # The fields were checked when they were added: copied as they are.
+            exact = copy_headers(value, _ExactRequestHeaders)
         else:
-            for name, item in (value.get_all() if isinstance(value, httputil.HTTPHeaders)
-                               else (value or {}).items()):
+            exact = _ExactRequestHeaders()
+            for name, item in (value or {}).items():
                 exact.add(name, item)
         exact._sealed = True
         self._headers = exact
@@ -414,7 +414,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         self._client_gone = False
         self._upstream_write: Optional[Callable[[bytes], Awaitable[None]]] = None
         self._resp_start: Optional[httputil.ResponseStartLine] = None
-        self._resp_headers = httputil.HTTPHeaders()
+        self._resp_headers: Optional[httputil.HTTPHeaders] = None  # from _on_header_line()
         self._head_applied = False
         self._upstream_length_known = False
         self._down_length: Optional[int] = None  # the response's Content-Length
@@ -426,6 +426,24 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         if request is not None and name == (request.method or "").lower():
             return self._respond
         raise AttributeError(name)
+
+    def clear(self) -> None:
+        """Tornado's clear(), minus its default headers on the first call (from ``__init__``).
+
+        A proxied response replaces Server, Content-Type and Date with the child's headers
+        (``_apply_head``), so formatting a Date for every request only to drop it is waste;
+        the gateway's own answers (``write_error_response``, ``send_error``) clear again and
+        get Tornado's defaults.
+        """
+        if "_cleared" in self.__dict__:
+            super().clear()
+            return
+        self._cleared = True
+        self._headers = empty_headers()
+        self.set_default_headers()
+        self._write_buffer = []
+        self._status_code = 200
+        self._reason = httputil.responses[200]
 
     def compute_etag(self) -> Optional[str]:
         return None  # never turn a proxied 200 into our own 304
@@ -600,6 +618,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
                 self._apply_head(self._resp_start.code, self._resp_start.reason,
                                  self._resp_headers)
         else:
+            if self._resp_headers is None:
+                self._resp_headers = httputil.HTTPHeaders()
             self._resp_headers.parse_line(line)
 
     def _on_head(self, start_line: httputil.ResponseStartLine,
@@ -637,14 +657,16 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         # What clear() and clear_header() of the defaults (Server, Content-Type, Date) would
         # leave, without formatting a Date only to drop it: empty headers, nothing buffered
         # (nothing is written before the head), the status set just below.
-        self._headers = httputil.HTTPHeaders()
         self._write_buffer = []
         self.set_status(code, reason if reason is not None else None)
-        for name, value in client_response_headers(headers):
-            try:
-                self.add_header(name, value)
-            except ValueError:  # a control character Tornado will not send
+        fields = client_response_headers(headers)
+        for name, value in fields:
+            if _UNSENDABLE.search(value):  # a control character Tornado will not send
                 log.debug("dropped response header %s with an unsendable value", name)
+                fields = [(n, v) for n, v in fields if not _UNSENDABLE.search(v)]
+                break
+        # Checked when the head was parsed (and just above): not again per field by add_header
+        self._headers = headers_from_fields(fields)
         self._upstream_length_known = "Content-Length" in headers
         length = headers.get("Content-Length")
         self._down_length = int(length) if length is not None and _DIGITS.match(length) else None
