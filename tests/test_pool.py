@@ -926,6 +926,21 @@ async def test_body_until_close_is_not_pooled(scripted, client):
 
 
 @pytest.mark.timeout(10)
+async def test_answer_sent_before_closing_reaches_a_slow_producer(scripted, client):
+    """The server reads the whole body, answers and closes while the producer is still
+    busy (not writing): the answer in hand is delivered, not a 599."""
+    srv = scripted(lambda c, r, m, p: (raw("413 Too Large", b"no", "Connection: close"), True))
+
+    async def slow(write: Callable[[bytes], Any]) -> None:
+        await write(b"x" * 10)
+        await asyncio.sleep(0.2)  # the answer and the close arrive meanwhile
+
+    resp = await client.fetch(srv.url + "/up", method="POST", headers={"Content-Length": "10"},
+                              body_producer=slow, raise_error=False)
+    assert (resp.code, resp.body) == (413, b"no") and client.idle_count() == 0
+
+
+@pytest.mark.timeout(10)
 async def test_connection_close_answer_is_not_pooled(scripted, client):
     srv = scripted(lambda c, r, m, p: (raw("200 OK", b"bye", "Connection: close"), True))
     for _ in range(3):

@@ -1029,15 +1029,15 @@ class _PooledConnection:
                 await fut
         if self._done or conn.exchange is not self:
             return
-        if conn.closed:
-            raise StreamClosedError(real_error=self._eof_error)
-        if self._out_remaining:
+        if self._out_remaining and not conn.closed:
             conn.close()
             raise httputil.HTTPOutputError(
                 "Tried to write %d bytes less than Content-Length" % self._out_remaining
             )
-        if self._chunking:
+        if self._chunking and not conn.closed:
             conn.write(b"0\r\n\r\n")
+        # Even if the server has closed by now, a complete answer it sent first (say, a 413
+        # before closing) is in the buffer: the parser delivers it, or fails on the EOF.
         self._body_sent = True
         if not self._parsing:
             self._parsing = True
