@@ -58,6 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS_DIR = os.path.join(HERE, "results")
 BACKEND = os.path.join(HERE, "backend.py")
+FLOOR = os.path.join(HERE, "tornado_floor.py")
 SERVICE = os.path.join(ROOT, "python", "api_server.py")
 PY = sys.executable
 HOST = "127.0.0.1"
@@ -320,6 +321,33 @@ class Gateway:
     def child_pid(self) -> Optional[int]:
         kids = self.procs.remember_children(self.proc)
         return kids[0].pid if kids else None
+
+
+class Reference:
+    """``bench/tornado_floor.py``: a bare Tornado server answering the tiny GET itself."""
+
+    name = "tornado floor"
+
+    def __init__(self, procs: Processes, env: Dict[str, str]) -> None:
+        self.port = free_port()
+        self.proc = procs.spawn([PY, FLOOR, "--host", HOST, "--port", str(self.port)],
+                                "tornado-floor", env)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def child_pid(self) -> Optional[int]:
+        return None
+
+    def wait(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                if asyncio.run(http_get(self.port, "/api/deepfake/tiny", 1.0))[0] == 200:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("bench/tornado_floor.py did not answer within %.0f s" % timeout)
 
 
 # ============================================================================ HTTP clients
@@ -605,13 +633,17 @@ def rotation(items: List[Any], r: int) -> List[Any]:
 
 
 def throughput(gateways: List[Gateway], conns_list: List[int], repeats: int, duration: int,
-               loader: Callable[..., Dict[str, Any]]) -> Dict[str, Any]:
-    """Interleaved: each repeat runs direct (the first gateway's child), each gateway, in a
-    rotating order; each gateway's ratio is against the direct run of the same repeat."""
+               loader: Callable[..., Dict[str, Any]],
+               reference: Optional[Reference] = None) -> Dict[str, Any]:
+    """Interleaved: each repeat runs direct (the first gateway's child), each gateway (and the
+    bare Tornado reference), in a rotating order; each gateway's ratio is against the direct
+    run of the same repeat."""
     path = "/api/deepfake/tiny"
     base = gateways[0]
-    targets: List[Tuple[str, int, Gateway]] = [("direct", base.fport, base)] + [
+    targets: List[Tuple[str, int, Any]] = [("direct", base.fport, base)] + [
         (gw.variant.name, gw.gport, gw) for gw in gateways]
+    if reference is not None:
+        targets.append((reference.name, reference.port, reference))
     out: Dict[str, Any] = {}
     for conns in conns_list:
         rows: Dict[str, List[Dict[str, Any]]] = {name: [] for name, _, _ in targets}
@@ -803,6 +835,11 @@ def summarize(raw: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
                                          for r in runs)}
         for target, ratios in block["ratios"].items():
             row[target]["rps_ratio"] = spread(ratios)
+        floor, direct = row.get(Reference.name), row.get("direct")
+        if conns == "1" and floor and direct and floor["rps"] and direct["rps"]:
+            # serial at one connection: time(gateway) >= time(direct) + time(bare Tornado)
+            t_direct, t_floor = 1.0 / direct["rps"]["median"], 1.0 / floor["rps"]["median"]
+            floor["gateway_ratio_ceiling"] = t_direct / (t_direct + t_floor)
         s["tiny_get"][conns] = row
     for direction, block in raw.get("transfers", {}).items():
         row = {}
@@ -920,7 +957,7 @@ def print_report(result: Dict[str, Any]) -> None:
         "conns", "target", "requests/s", "p50 ms", "p99 ms", "ratio vs direct",
         "gw CPU us/req", "child CPU us/req", "errors"))
     for conns, row in s["tiny_get"].items():
-        for target in ["direct"] + names:
+        for target in ["direct"] + names + [Reference.name]:
             if target not in row:
                 continue
             r = row[target]
@@ -930,6 +967,12 @@ def print_report(result: Dict[str, Any]) -> None:
                 fmt_spread(r["p99_ms"], "%.1f"), fmt_spread(r.get("rps_ratio"), "%.2f"),
                 "%.0f" % gcpu["median"] if gcpu and target != "direct" else "-",
                 "%.0f" % ccpu["median"] if ccpu else "-", r["errors"]))
+    for conns, row in s["tiny_get"].items():
+        ceiling = row.get(Reference.name, {}).get("gateway_ratio_ceiling")
+        if ceiling is not None:
+            w("c=%s: a request through any gateway served by Tornado takes at least the direct "
+              "time plus the bare Tornado server's (%s): at most %.2fx direct\n"
+              % (conns, Reference.name, ceiling))
 
     if s["transfers"]:
         w("\n-- %.0f MiB streamed each way, %d repeats --\n"
@@ -1331,10 +1374,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 % raw["upstream_keepalive_after_warmup"])
 
         if "tiny" not in skip:
-            log("tiny GET: %s connections, %d s runs, %d repeats"
-                % (conns_list, p["duration"], p["repeats"]))
+            reference = Reference(procs, env)
+            reference.wait()
+            loader(reference.port, "/api/deepfake/tiny", 8, p["warmup"])
+            log("tiny GET: %s connections, %d s runs, %d repeats (and %s for reference)"
+                % (conns_list, p["duration"], p["repeats"], Reference.name))
             raw["tiny_get"] = throughput(gateways, conns_list, p["repeats"], p["duration"],
-                                         loader)
+                                         loader, reference)
+            procs.stop(reference.proc)
 
         if "transfers" not in skip:
             log("%.0f MiB up and down, %d repeats" % (size / MIB, p["big_repeats"]))

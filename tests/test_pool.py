@@ -714,6 +714,28 @@ async def test_timeout_is_599_and_socket_not_pooled(server, client):
     assert server.connections == 2
 
 
+@pytest.mark.timeout(20)
+async def test_each_request_times_out_on_its_own_deadline(server, io_loop):
+    """One timer serves all deadlines: a short timeout started after a long one, or after
+    hundreds of finished requests (whose entries are dropped), still fires on time, and a
+    request that finished in time is never timed out."""
+    c = KeepAliveHTTPClient(force_instance=True, max_clients=300)
+    try:
+        done = [c.fetch(server.url + "/hello", request_timeout=5) for _ in range(250)]
+        assert all(r.body == b"hello" for r in await asyncio.gather(*done))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        long = asyncio.ensure_future(c.fetch(server.url + "/slow?s=1", request_timeout=5))
+        short = asyncio.ensure_future(c.fetch(server.url + "/slow?s=1", request_timeout=0.15))
+        with pytest.raises(HTTPTimeoutError):
+            await short
+        assert loop.time() - started < 0.8
+        assert (await long).code == 200  # its own, longer deadline was kept
+        assert len(c._deadlines) <= 1  # the finished requests' entries were dropped
+    finally:
+        c.close()
+
+
 @pytest.mark.timeout(10)
 async def test_timeout_mid_download_closes(server, client):
     with pytest.raises(HTTPTimeoutError):

@@ -71,6 +71,8 @@ import asyncio
 import base64
 import collections
 import functools
+import heapq
+import itertools
 import re
 import socket
 import time
@@ -173,6 +175,12 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         # One timer for the whole pool (not one per idle stream, which would be two
         # timer operations per request): it fires when the oldest idle stream expires.
         self._sweeper: object = None
+        # request_timeout deadlines of started requests, (deadline, seq, exchange) in a heap
+        # watched by one loop timer (see _watch_deadline).
+        self._deadlines: list[tuple[float, int, _PooledConnection]] = []
+        self._deadline_seq = itertools.count()
+        self._deadline_timer: object = None
+        self._deadline_due = 0.0
         self._pool_closed = False
         self._last_key: object = None
         # Counters for tests and diagnostics.
@@ -373,6 +381,46 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         conn = self.active.get(key)
         if conn is not None:
             conn.abort()
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _watch_deadline(self, exchange: "_PooledConnection", deadline: float) -> None:
+        """Time ``exchange`` out at ``deadline`` (IOLoop time) unless it is over by then.
+
+        One timer serves the whole client, armed for the earliest deadline: a timer per
+        request (a loop TimerHandle pushed on the loop's heap with Python-level comparisons,
+        then cancelled) cost measurable CPU on every request. Finished exchanges are dropped
+        lazily, and the heap is rebuilt once it holds more of them than running ones.
+        """
+        heap = self._deadlines
+        heapq.heappush(heap, (deadline, next(self._deadline_seq), exchange))
+        if self._deadline_timer is None or deadline < self._deadline_due:
+            self._arm_deadline_timer(deadline)
+        if len(heap) > 2 * len(self.active) + 64:
+            heap[:] = [entry for entry in heap if not entry[2]._done]
+            heapq.heapify(heap)
+
+    def _arm_deadline_timer(self, due: float) -> None:
+        if self._deadline_timer is not None:
+            self.io_loop.remove_timeout(self._deadline_timer)
+        self._deadline_due = due
+        self._deadline_timer = self.io_loop.call_at(due, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline_timer = None
+        heap = self._deadlines
+        now = self.io_loop.time()
+        expired = []
+        while heap and (heap[0][0] <= now or heap[0][2]._done):
+            _due, _seq, exchange = heapq.heappop(heap)
+            if not exchange._done:
+                expired.append(exchange)
+        for exchange in expired:
+            exchange._on_timeout("during request")
+        while heap and heap[0][2]._done:
+            heapq.heappop(heap)
+        if heap and self._deadline_timer is None:
+            self._arm_deadline_timer(heap[0][0])
 
     # ------------------------------------------------------------------ the pool
 
@@ -638,7 +686,6 @@ class _PooledConnection:
         self.release_callback: Callable[[], None] | None = release_callback
         self.final_callback: Callable[[HTTPResponse], None] | None = final_callback
         self.stream: _Upstream | None = None
-        self._timeout: object = None
         self._pool_key: _PoolKey = ()
         self._chunking = False  # the request body goes chunked (set by _format_head)
         self._length_out: int | None = None
@@ -673,10 +720,7 @@ class _PooledConnection:
     def start(self) -> None:
         request_timeout = self._opts.request_timeout
         if request_timeout:
-            self._timeout = self.io_loop.add_timeout(
-                self.start_time + request_timeout,
-                functools.partial(self._on_timeout, "during request"),
-            )
+            self.client._watch_deadline(self, self.start_time + request_timeout)
         try:
             self._setup()
         except Exception as e:
@@ -699,17 +743,10 @@ class _PooledConnection:
         self.final_callback = None
         if self.stream is not None:
             self.stream.close()
-        self._remove_timeout()
         self._release()
 
     def _on_timeout(self, info: str) -> None:
-        self._timeout = None
         self._finish_error(HTTPTimeoutError(f"Timeout {info}"))
-
-    def _remove_timeout(self) -> None:
-        if self._timeout is not None:
-            self.io_loop.remove_timeout(self._timeout)
-            self._timeout = None
 
     def _release(self) -> None:
         if self.release_callback is not None:
@@ -718,7 +755,6 @@ class _PooledConnection:
             release_callback()
 
     def _run_callback(self, response: HTTPResponse) -> None:
-        self._remove_timeout()
         self._release()
         if self.final_callback is not None:
             final_callback = self.final_callback

@@ -472,7 +472,9 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
 
     # -- request phase ---------------------------------------------------------------------
 
-    async def prepare(self) -> None:
+    def prepare(self) -> Optional[Awaitable[None]]:
+        # Not a coroutine: Tornado awaits what prepare() returns only when it is not None, and
+        # the common case (the child ready) has nothing to wait for.
         request = self.request
         method = request.method or ""
         error = check_target(request.path, request.query) or check_framing(request.headers)
@@ -481,19 +483,30 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             error = errors.method_not_supported(method)  # would dispatch to a handler method
         if error is not None:
             self._refuse(error)
-            return
+            return None
         length = declared_length(request.headers)
         if length is not None and length > self.config.max_body:
             # Answer before reading anything; Tornado closes the connection after the answer
             # instead of reading the body (and must not refuse it with its own bare 400 first).
             request.connection.set_max_body_size(length)
             self._refuse(errors.payload_too_large(length, self.config.max_body))
-            return
+            return None
         request.connection.set_max_body_size(self.config.max_body + BODY_LIMIT_SLACK)
-        # Waiting here, before prepare() returns, means Tornado reads none of the body yet:
+        if self.bridge.is_flask_ready():
+            self._open_exchange(length)
+            return None
+        return self._open_exchange_when_usable(length)
+
+    async def _open_exchange_when_usable(self, length: Optional[int]) -> None:
+        # Waiting here, before prepare() is over, means Tornado reads none of the body yet:
         # the upload stays in the client's socket (nothing buffered) while the child starts.
-        if not await self._usable():
-            return
+        if await self._usable():
+            self._open_exchange(length)
+
+    def _open_exchange(self, length: Optional[int]) -> None:
+        """Start the upstream exchange (the child is ready)."""
+        request = self.request
+        method = request.method or ""
         self._has_body = has_request_body(request.headers)
         self._self_framed = (self._has_body and length is None
                              and method not in _SELF_CHUNKING_METHODS)
@@ -545,15 +558,18 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         await self._queue.put(chunk)  # blocks while the child is slower: back-pressure
         self._arm_stall_timer()  # not while blocked above: a slow child is not a slow client
 
-    async def _respond(self, *args: Any, **kwargs: Any) -> None:
-        """Every method: the body is complete; let the producer finish, await the exchange."""
+    def _respond(self, *args: Any, **kwargs: Any) -> Optional[Awaitable[None]]:
+        """Every method: the body is complete; let the producer finish, await the exchange.
+        (What it returns, if anything, Tornado awaits: no coroutine layer of its own.)"""
         self._disarm_stall_timer()
         if self._inline:
             self._inline = False
-            await self._complete_exchange()
-            return
+            return self._complete_exchange()
         if self._task is None:
-            return
+            return None
+        return self._finish_upload()
+
+    async def _finish_upload(self) -> None:
         if self._has_body and not self._discard:
             assert self._queue is not None
             await self._queue.put(_END)
