@@ -271,3 +271,34 @@ def test_run_returns_zero_on_a_ctrl_c_outside_the_handlers(monkeypatch):
 
     monkeypatch.setattr(server, "serve", interrupted)
     assert server.run(GatewayConfig(port=0)) == 0
+
+
+def test_gateway_http_server_keeps_tcp_nodelay_on(io_loop):
+    """Each client connection gets TCP_NODELAY once; HTTP1Connection's per-response off/on
+    calls no longer reach the socket."""
+    import socket as socket_mod
+
+    import tornado.web
+    from tornado.iostream import IOStream
+
+    from tornado_gateway.server import GatewayHTTPServer
+
+    calls = []
+
+    class Probe(IOStream):
+        def set_nodelay(self, value: bool) -> None:
+            calls.append(value)
+            super().set_nodelay(value)
+
+    server = GatewayHTTPServer(tornado.web.Application([]))
+    a, b = socket_mod.socketpair()
+    try:
+        stream = Probe(a)
+        server.handle_stream(stream, ("127.0.0.1", 1))
+        stream.set_nodelay(False)  # what HTTP1Connection does after each response
+        stream.set_nodelay(True)
+        assert calls == [True]
+    finally:
+        server.stop()
+        stream.close()
+        b.close()

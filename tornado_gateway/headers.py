@@ -19,7 +19,8 @@ from typing import Dict, Iterable, List, Optional, Tuple, Type, TypeVar
 
 from tornado import httputil
 
-__all__ = ["copy_headers", "empty_headers", "headers_from_fields", "parse_header_block"]
+__all__ = ["copy_headers", "empty_headers", "field_lines", "headers_from_fields",
+           "parse_header_block"]
 
 H = TypeVar("H", bound=httputil.HTTPHeaders)
 
@@ -91,6 +92,15 @@ def headers_from_fields(fields: Iterable[Tuple[str, str]],
         else:
             values.append(value)
     return _build(cls, as_list)
+
+
+def field_lines(headers: httputil.HTTPHeaders) -> List[str]:
+    """``["Name: value", ...]`` in ``get_all()`` order (one list comprehension, no generator
+    per field)."""
+    as_list = getattr(headers, "_as_list", None)
+    if FAST and isinstance(as_list, dict):
+        return ["%s: %s" % (name, value) for name, values in as_list.items() for value in values]
+    return ["%s: %s" % field for field in headers.get_all()]
 
 
 def parse_header_block(text: str) -> httputil.HTTPHeaders:

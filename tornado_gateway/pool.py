@@ -96,7 +96,7 @@ from tornado.iostream import StreamClosedError
 from tornado.log import app_log, gen_log
 from tornado.util import GzipDecompressor
 
-from .headers import copy_headers, parse_header_block
+from .headers import copy_headers, field_lines, parse_header_block
 from tornado.netutil import OverrideResolver, Resolver, is_valid_ip, ssl_options_to_context
 from tornado.simple_httpclient import (
     HTTPStreamClosedError,
@@ -852,7 +852,7 @@ class _PooledConnection:
         length = headers.get("Content-Length")
         self._length_out = parse_int(length) if length is not None else None
         lines = ["%s %s HTTP/1.1" % (method, path)]
-        lines.extend("%s: %s" % (name, value) for name, value in headers.get_all())
+        lines.extend(field_lines(headers))
         head = "\r\n".join(lines)
         # The separators account for len(lines) - 1 of each; any other CR or LF is in a line.
         if head.count("\n") != len(lines) - 1 or head.count("\r") != len(lines) - 1:

@@ -178,7 +178,8 @@ def is_hop_by_hop(name: str, named: Iterable[str] = ()) -> bool:
 
 
 def upstream_request_headers(headers: httputil.HTTPHeaders, remote_ip: Optional[str],
-                             proto: str, host: str) -> httputil.HTTPHeaders:
+                             proto: str, host: str,
+                             cls: type = httputil.HTTPHeaders) -> httputil.HTTPHeaders:
     """The headers to send upstream: the client's minus hop-by-hop and ``Expect``, in order,
     repeats kept, with ``X-Forwarded-For`` appended to (or created) and
     ``X-Forwarded-Proto``/``X-Forwarded-Host`` set."""
@@ -203,7 +204,7 @@ def upstream_request_headers(headers: httputil.HTTPHeaders, remote_ip: Optional[
     if host:
         fields.append(("X-Forwarded-Host", host))
     # The client's fields were checked when Tornado parsed the request: not again per field.
-    return headers_from_fields(fields)
+    return headers_from_fields(fields, cls)
 
 
 def client_response_headers(headers: httputil.HTTPHeaders) -> List[Tuple[str, str]]:
@@ -349,6 +350,12 @@ class _UpstreamRequest(HTTPRequest):
 
     @headers.setter
     def headers(self, value: Any) -> None:
+        if isinstance(value, _ExactRequestHeaders):
+            # Already the right kind: built for this request by _start_fetch(), or fetch()'s
+            # own private copy. Sealed in place, not copied once more.
+            value._sealed = True
+            self._headers = value
+            return
         if isinstance(value, httputil.HTTPHeaders):
             # The fields were checked when they were added: copied as they are.
             exact = copy_headers(value, _ExactRequestHeaders)
@@ -696,7 +703,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         """Build the upstream request and start it: ``self._fetch`` is its future."""
         request = self.request
         headers = upstream_request_headers(request.headers, request.remote_ip,
-                                           request.protocol, request.host)
+                                           request.protocol, request.host, _ExactRequestHeaders)
         method = request.method or "GET"
         if self._self_framed:
             headers["Transfer-Encoding"] = "chunked"

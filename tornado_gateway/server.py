@@ -127,6 +127,24 @@ def configure_logging(mode: str, stream: Any = None) -> None:
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
+def _nodelay_pinned(value: bool) -> None:
+    """A connection's ``set_nodelay``: TCP_NODELAY stays on (set once when accepted)."""
+
+
+class GatewayHTTPServer(HTTPServer):
+    """Tornado's HTTPServer with TCP_NODELAY on for each client connection's whole life.
+
+    HTTP1Connection turns Nagle's algorithm off when it finishes a response and on again
+    right after (two ``setsockopt`` calls and their Python layers per request). The gateway
+    writes whole heads and body chunks, none of which should wait for Nagle, so it is set once.
+    """
+
+    def handle_stream(self, stream: Any, address: Any) -> None:
+        stream.set_nodelay(True)
+        stream.set_nodelay = _nodelay_pinned
+        super().handle_stream(stream, address)
+
+
 async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
                 install_signals: bool = True,
                 stop_event: Optional[asyncio.Event] = None,
@@ -152,7 +170,7 @@ async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
     # Slow clients cannot hold a connection forever: an idle connection, and a request head
     # still incomplete, are closed after idle_timeout; a body must arrive within body_timeout
     # (the proxy turns this into an inactivity limit, so long uploads that keep moving pass).
-    server = HTTPServer(app, max_body_size=OWN_ROUTES_MAX_BODY,
+    server = GatewayHTTPServer(app, max_body_size=OWN_ROUTES_MAX_BODY,
                         idle_connection_timeout=config.idle_timeout / 1000.0,
                         body_timeout=config.body_timeout / 1000.0)
     server.add_sockets(sockets)
