@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Type, TypeVar
 
 from tornado import httputil
 
-__all__ = ["copy_headers", "empty_headers", "field_lines", "headers_from_fields",
+__all__ = ["copy_headers", "empty_headers", "field_lines", "get_field", "headers_from_fields",
            "parse_header_block"]
 
 H = TypeVar("H", bound=httputil.HTTPHeaders)
@@ -92,6 +92,18 @@ def headers_from_fields(fields: Iterable[Tuple[str, str]],
         else:
             values.append(value)
     return _build(cls, as_list)
+
+
+def get_field(headers: httputil.HTTPHeaders, name: str) -> Optional[str]:
+    """``headers.get(name)`` for a name already in normalized form (``Content-Length``),
+    without the KeyError that ``Mapping.get`` raises and catches for an absent field."""
+    as_list = getattr(headers, "_as_list", None)
+    if FAST and isinstance(as_list, dict):
+        values = as_list.get(name)
+        if values is None:
+            return None
+        return values[0] if len(values) == 1 else ",".join(values)
+    return headers.get(name)
 
 
 def field_lines(headers: httputil.HTTPHeaders) -> List[str]:

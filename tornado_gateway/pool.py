@@ -96,7 +96,7 @@ from tornado.iostream import StreamClosedError
 from tornado.log import app_log, gen_log
 from tornado.util import GzipDecompressor
 
-from .headers import copy_headers, field_lines, parse_header_block
+from .headers import copy_headers, field_lines, get_field, parse_header_block
 from tornado.netutil import OverrideResolver, Resolver, is_valid_ip, ssl_options_to_context
 from tornado.simple_httpclient import (
     HTTPStreamClosedError,
@@ -246,7 +246,14 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         key = self._last_key
         self._last_key = None
         if key is not None and not future.done():
-            future.add_done_callback(functools.partial(self._on_future_done, key))
+            watch = functools.partial(self._on_future_done, key)
+            future.add_done_callback(watch)
+            running = self.active.get(key)
+            if running is not None:
+                # Taken off again when the answer is delivered: a done callback left on
+                # the future would cost a loop callback per request only to see it was
+                # not cancelled.
+                running._cancel_watch = (future, watch)
         return future
 
     def close(self) -> None:
@@ -630,11 +637,11 @@ def _resolve(request: Any) -> Any:
     defaults = getattr(request, "defaults", None)
     resolved = _Resolved()
     values = resolved.__dict__
+    values.update(vars(real))
     if defaults:
-        values.update(defaults)
-    for name, value in vars(real).items():
-        if value is not None or name not in values:
-            values[name] = value
+        for name, value in defaults.items():
+            if values.get(name) is None:
+                values[name] = value
     values["headers"] = real.headers
     body = real.body
     values["body"] = body if body is not None else values.get("body")
@@ -686,6 +693,8 @@ class _PooledConnection:
         self.release_callback: Callable[[], None] | None = release_callback
         self.final_callback: Callable[[HTTPResponse], None] | None = final_callback
         self.stream: _Upstream | None = None
+        # (fetch() future, its cancellation watch): see KeepAliveHTTPClient.fetch()
+        self._cancel_watch: tuple[Any, Any] | None = None
         self._pool_key: _PoolKey = ()
         self._chunking = False  # the request body goes chunked (set by _format_head)
         self._length_out: int | None = None
@@ -756,6 +765,10 @@ class _PooledConnection:
 
     def _run_callback(self, response: HTTPResponse) -> None:
         self._release()
+        if self._cancel_watch is not None:
+            future, watch = self._cancel_watch
+            self._cancel_watch = None
+            future.remove_done_callback(watch)
         if self.final_callback is not None:
             final_callback = self.final_callback
             self.final_callback = None
@@ -849,7 +862,7 @@ class _PooledConnection:
         self._chunking = method in ("POST", "PUT", "PATCH") and "Content-Length" not in headers
         if self._chunking:
             headers["Transfer-Encoding"] = "chunked"
-        length = headers.get("Content-Length")
+        length = get_field(headers, "Content-Length")
         self._length_out = parse_int(length) if length is not None else None
         lines = ["%s %s HTTP/1.1" % (method, path)]
         lines.extend(field_lines(headers))
@@ -1007,7 +1020,7 @@ class _PooledConnection:
             )
         if request.user_agent:
             headers["User-Agent"] = request.user_agent
-        elif headers.get("User-Agent") is None:
+        elif get_field(headers, "User-Agent") is None:
             headers["User-Agent"] = f"Tornado/{version}"
         if not request.allow_nonstandard_methods:
             body_expected = method in ("POST", "PATCH", "PUT")
@@ -1293,7 +1306,7 @@ class _PooledConnection:
         if self._method == "HEAD" or code == 304:
             self._state, self._remaining = _FIXED, 0
             return
-        length = headers.get("Content-Length")
+        length = get_field(headers, "Content-Length")
         content_length: int | None = None
         if length is not None:
             if "," in length:
@@ -1455,9 +1468,9 @@ class _PooledConnection:
             return False
         if self._state == _UNTIL_CLOSE:
             return False  # the end of the body was found by EOF, not by framing
-        if "close" in _header_tokens(self._req_headers.get("Connection")):
+        if "close" in _header_tokens(get_field(self._req_headers, "Connection")):
             return False
-        tokens = _header_tokens(self.headers.get("Connection"))
+        tokens = _header_tokens(get_field(self.headers, "Connection"))
         if self.version == "HTTP/1.1":
             return "close" not in tokens
         if self.version == "HTTP/1.0":

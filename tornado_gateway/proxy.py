@@ -54,7 +54,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from . import errors
 from .config import GatewayConfig
 from .errors import GatewayError, write_error_response
-from .headers import copy_headers, empty_headers, headers_from_fields
+from .headers import copy_headers, empty_headers, get_field, headers_from_fields
 
 log = logging.getLogger("tornado_gateway.proxy")
 
@@ -249,7 +249,7 @@ def check_framing(headers: httputil.HTTPHeaders) -> Optional[GatewayError]:
 def declared_length(headers: httputil.HTTPHeaders) -> Optional[int]:
     """The request's Content-Length as an int, or None when absent (Tornado already refused
     malformed values)."""
-    value = headers.get("Content-Length")
+    value = get_field(headers, "Content-Length")
     if value is None:
         return None
     try:
@@ -260,7 +260,7 @@ def declared_length(headers: httputil.HTTPHeaders) -> Optional[int]:
 
 def has_request_body(headers: httputil.HTTPHeaders) -> bool:
     """True when the request carries body bytes (Content-Length > 0, or chunked)."""
-    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+    if "chunked" in (get_field(headers, "Transfer-Encoding") or "").lower():
         return True
     length = declared_length(headers)
     return bool(length and length > 0)
