@@ -1142,3 +1142,65 @@ def test_random_sequences_get_right_answers(server, io_loop, steps):
             c.close()
 
     io_loop.run_sync(run, timeout=30)
+
+
+# ===================================================================== TLS, gzip
+
+
+@pytest.mark.timeout(10)
+async def test_https_with_reuse(io_loop):
+    """https:// URLs: TLS on the same pooled connections (Tornado's test certificate)."""
+    import os
+    import ssl
+
+    import tornado.test
+
+    certs = os.path.dirname(tornado.test.__file__)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(os.path.join(certs, "test.crt"), os.path.join(certs, "test.key"))
+    srv = CountingServer(Application([(r"/hello", Hello)]), ssl_options=context)
+    sock, port = bind_unused_port()
+    srv.add_sockets([sock])
+    c = KeepAliveHTTPClient(force_instance=True)
+    try:
+        for _ in range(3):
+            resp = await c.fetch("https://127.0.0.1:%d/hello" % port, validate_cert=False)
+            assert resp.body == b"hello"
+        assert srv.connections == 1 and c.stats["reused"] == 2
+        with pytest.raises(Exception):  # the certificate is not trusted by default
+            await c.fetch("https://127.0.0.1:%d/hello" % port)
+    finally:
+        c.close()
+        srv.stop()
+
+
+class Gzipped(RequestHandler):
+    def get(self) -> None:
+        import gzip
+
+        self.set_header("Content-Encoding", "gzip")
+        self.write(gzip.compress(b"z" * 200_000))
+
+
+@pytest.mark.timeout(10)
+async def test_gzip_is_decoded_unless_decompress_is_off(io_loop):
+    srv = CountingServer(Application([(r"/gz", Gzipped)]))
+    sock, port = bind_unused_port()
+    srv.add_sockets([sock])
+    c = KeepAliveHTTPClient(force_instance=True)
+    pieces: list[int] = []
+    try:
+        url = "http://127.0.0.1:%d/gz" % port
+        resp = await c.fetch(url)
+        assert resp.body == b"z" * 200_000
+        assert resp.headers["X-Consumed-Content-Encoding"] == "gzip"
+        assert "Content-Encoding" not in resp.headers
+        await c.fetch(url, streaming_callback=lambda b: pieces.append(len(b)))
+        assert sum(pieces) == 200_000 and max(pieces) <= 64 * 1024  # bounded pieces
+        raw_resp = await c.fetch(url, decompress_response=False)
+        assert raw_resp.headers["Content-Encoding"] == "gzip"
+        assert raw_resp.body[:2] == b"\x1f\x8b"
+        assert srv.connections == 1
+    finally:
+        c.close()
+        srv.stop()
