@@ -302,3 +302,68 @@ def test_gateway_http_server_keeps_tcp_nodelay_on(io_loop):
         server.stop()
         stream.close()
         b.close()
+
+
+async def _head_timeout_server(timeout: float):
+    import tornado.web
+    from tornado.netutil import bind_sockets
+
+    from tornado_gateway.server import GatewayHTTPServer
+
+    class Hello(tornado.web.RequestHandler):
+        def get(self) -> None:
+            self.write("hi")
+
+    srv = GatewayHTTPServer(tornado.web.Application([(r"/", Hello)]), head_timeout=timeout)
+    sockets = bind_sockets(0, "127.0.0.1")
+    srv.add_sockets(sockets)
+    return srv, sockets[0].getsockname()[1]
+
+
+async def _closed_after(reader: asyncio.StreamReader, limit: float) -> float:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.wait_for(reader.read(100), limit) == b""
+    return loop.time() - started
+
+
+@pytest.mark.timeout(20)
+async def test_head_timeout_closes_idle_and_slow_head_connections():
+    srv, port = await _head_timeout_server(0.4)
+    assert srv.conn_params.header_timeout is None  # no gen.with_timeout per head read
+    try:
+        _r, w = await asyncio.open_connection("127.0.0.1", port)  # says nothing
+        took = await _closed_after(_r, 3)
+        assert 0.35 < took < 1.0, took
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", port)  # a head that never ends
+        w.write(b"GET / HTTP/1.1\r\nHost: t\r\n")
+
+        async def trickle() -> None:
+            for _ in range(20):
+                await asyncio.sleep(0.1)
+                w.write(b"X")
+        feeder = asyncio.ensure_future(trickle())
+        took = await _closed_after(r, 3)
+        feeder.cancel()
+        assert 0.35 < took < 1.0, took
+        w.close()
+        assert not srv._waiting  # closed connections are forgotten
+    finally:
+        srv.stop()
+
+
+@pytest.mark.timeout(20)
+async def test_head_timeout_counts_from_each_request_not_the_connection():
+    srv, port = await _head_timeout_server(0.4)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(5):  # 5 x 0.2 s on one connection: longer than the timeout in all
+            w.write(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 2)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert await r.readexactly(2) == b"hi"
+            await asyncio.sleep(0.2)
+        w.close()
+    finally:
+        srv.stop()
