@@ -197,7 +197,8 @@ class Processes:
     def __init__(self, log_dir: str) -> None:
         self.log_dir = log_dir
         self.started: List[subprocess.Popen] = []
-        self.descendants: Dict[int, Any] = {}  # pid -> psutil.Process seen under ours
+        # pid -> (pid of the process started here it was seen under, psutil.Process)
+        self.descendants: Dict[int, Tuple[int, Any]] = {}
         self._logs: List[Any] = []
 
     def spawn(self, argv: List[str], name: str, env: Dict[str, str]) -> subprocess.Popen:
@@ -218,12 +219,12 @@ class Processes:
         except psutil.Error:
             return []
         for kid in kids:
-            self.descendants[kid.pid] = kid
+            self.descendants[kid.pid] = (proc.pid, kid)
         return kids
 
     def stop(self, proc: subprocess.Popen, timeout: float = 8.0) -> Optional[int]:
         """SIGINT (the gateway's Ctrl+C), then SIGKILL after ``timeout``; then its remembered
-        descendants by PID."""
+        descendants by PID (only its own: other gateways' children keep running)."""
         self.remember_children(proc)
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -235,14 +236,17 @@ class Processes:
                     os.kill(proc.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(5)
-        self._reap_descendants()
+        self._reap_descendants(proc.pid)
         return proc.returncode
 
-    def _reap_descendants(self) -> None:
+    def _reap_descendants(self, owner: Optional[int] = None) -> None:
+        """Stop remembered descendants (of ``owner`` only, or all), by PID."""
         import psutil
 
         alive = []
-        for pid, p in list(self.descendants.items()):
+        for pid, (seen_under, p) in list(self.descendants.items()):
+            if owner is not None and seen_under != owner:
+                continue
             try:
                 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
                     alive.append(p)

@@ -7,9 +7,10 @@ proxy built on it pays a TCP connect (and the backend an accept) per request: me
 
 Each connection is an asyncio ``Protocol`` with an incremental HTTP/1.1 response parser:
 bytes are parsed as the event loop hands them over, and a request on a pooled connection
-is written and answered without a task, a coroutine or an ``IOStream`` read future. Built on
-Tornado's ``IOStream`` + ``HTTP1Connection`` instead, the same pool cost about twice the CPU
-per proxied request (``bench/proxy_cpu.py``). The parser applies ``HTTP1Connection``'s client
+is written and answered without a task, a coroutine or an ``IOStream`` read future. The
+same pool built on Tornado's ``IOStream`` + ``HTTP1Connection`` made the gateway run 1690
+Python calls per proxied tiny GET instead of 1114, and cost 1398 instead of 1106 us of CPU
+at one connection (``bench/proxy_cpu.py``). The parser applies ``HTTP1Connection``'s client
 rules: the same framing checks (Content-Length vs Transfer-Encoding, 204/304/HEAD, 1xx),
 limits and gzip decoding.
 
@@ -45,9 +46,21 @@ request (the simple client's behaviour).
 An idle connection is checked before reuse (closed flag, unsolicited buffered bytes, and
 a non-blocking ``MSG_PEEK`` for EOF). If a reused connection still turns out to be dead
 -- it closes before any byte of a response arrived -- the request is retried once on a
-new connection (never on another idle one), but only when that cannot duplicate an effect: the method is idempotent
-(GET, HEAD, OPTIONS, PUT, DELETE, TRACE) and the body is not a ``body_producer`` (a
-producer cannot be replayed). POST/PATCH and streamed bodies fail with the error.
+new connection (never on another idle one), but only when that cannot duplicate an
+effect: the method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) and the body is
+not a ``body_producer`` (a producer cannot be replayed). POST/PATCH and streamed bodies fail
+with the error: a server that closes a connection just as a request goes out on it is a
+race no HTTP/1.1 client can win for them, which is why ``idle_timeout`` should stay below
+the server's own keep-alive timeout.
+
+A request whose body is still being produced when the server answers (say, a 413) and
+closes gets that answer if it arrived complete; otherwise the error.
+
+Timeouts
+--------
+``request_timeout`` counts from :meth:`fetch`; all running requests share one loop timer
+(armed for the earliest deadline) rather than one timer each. ``connect_timeout`` bounds
+resolving and connecting.
 
 Aborting a request (client went away)
 -------------------------------------
