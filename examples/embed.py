@@ -8,7 +8,7 @@ import asyncio
 
 import tornado.web
 
-from tornado_gateway import PythonBridge, configure_http_client, gateway_routes, load_config
+from tornado_gateway import PythonBridge, configure_upstream_client, gateway_routes, load_config
 
 
 class HelloHandler(tornado.web.RequestHandler):
@@ -18,7 +18,7 @@ class HelloHandler(tornado.web.RequestHandler):
 
 async def main():
     config = load_config()                    # env vars, defaults, warnings
-    configure_http_client(config)             # the proxy's streaming HTTP client
+    configure_upstream_client(config)         # the proxy's HTTP client: the keep-alive pool
     async with PythonBridge(config) as bridge:   # starts the child, stops its tree on exit
         app = tornado.web.Application([(r"/hello", HelloHandler)] +
                                       gateway_routes(bridge, config))

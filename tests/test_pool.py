@@ -10,6 +10,7 @@ Servers used, all on 127.0.0.1 with free ports:
 from __future__ import annotations
 
 import asyncio
+import json
 import gc
 import os
 import socket
@@ -1204,3 +1205,64 @@ async def test_gzip_is_decoded_unless_decompress_is_off(io_loop):
     finally:
         c.close()
         srv.stop()
+
+
+# ===================================================================== redirects
+
+
+class Redirect(RequestHandler):
+    def initialize(self, status: int, target: str) -> None:
+        self.status, self.target = status, target
+
+    def get(self) -> None:
+        self.set_status(self.status)
+        self.set_header("Location", self.target)
+        self.write(b"redirect body nobody should see")
+
+    post = get
+
+
+class DescribeRequest(RequestHandler):
+    def get(self) -> None:
+        self.write({"method": self.request.method, "body": self.request.body.decode(),
+                    "cookie": self.request.headers.get("Cookie")})
+
+    post = get
+
+
+@pytest.fixture
+def redirecting(io_loop: IOLoop) -> Any:
+    app = Application([
+        (r"/r301", Redirect, dict(status=301, target="/echo")),
+        (r"/r303", Redirect, dict(status=303, target="/echo")),
+        (r"/r307", Redirect, dict(status=307, target="/echo")),
+        (r"/loop", Redirect, dict(status=302, target="/loop")),
+        (r"/echo", DescribeRequest),
+    ])
+    srv = CountingServer(app)
+    sock, port = bind_unused_port()
+    srv.add_sockets([sock])
+    yield "http://127.0.0.1:%d" % port
+    srv.stop()
+
+
+@pytest.mark.timeout(10)
+async def test_redirects_are_followed_like_the_simple_client(redirecting, client):
+    seen: list[bytes] = []
+    resp = await client.fetch(redirecting + "/r301", streaming_callback=seen.append,
+                              headers={"Cookie": "a=1"})
+    assert resp.code == 200 and resp.effective_url == redirecting + "/echo"
+    assert b"nobody" not in b"".join(seen)  # the redirect's own body is not delivered
+    assert json.loads(b"".join(seen))["cookie"] == "a=1"  # same origin: cookie kept
+    assert resp.request.url == redirecting + "/r301"  # the original request
+    post = await client.fetch(redirecting + "/r303", method="POST", body=b"x")
+    assert json.loads(post.body) == {"method": "GET", "body": "", "cookie": None}
+    kept = await client.fetch(redirecting + "/r307", method="POST", body=b"x")
+    assert json.loads(kept.body)["method"] == "POST" and json.loads(kept.body)["body"] == "x"
+    with pytest.raises(HTTPClientError) as info:
+        await client.fetch(redirecting + "/loop", max_redirects=3)
+    assert info.value.code == 302
+    raw_resp = await client.fetch(redirecting + "/r301", follow_redirects=False,
+                                  raise_error=False)
+    assert raw_resp.code == 301 and raw_resp.body == b"redirect body nobody should see"
+    assert client.stats["connected"] == 1  # all of it on one pooled connection

@@ -29,8 +29,9 @@ Semantics follow ``SimpleAsyncHTTPClient`` for everything a streaming proxy uses
 (``body_producer``, ``header_callback``, async ``streaming_callback`` awaited for
 back-pressure, ``request_timeout``/``connect_timeout``, ``max_body_size``, HEAD/204/304,
 ``raise_error=False`` still raising 599 errors for connection failures and timeouts,
-queueing beyond ``max_clients``). Redirects are *not* followed (a proxy passes them on);
-a request with ``follow_redirects=True`` gets the 3xx response as is.
+queueing beyond ``max_clients``), redirects included (``follow_redirects``, on by default, and
+``max_redirects``, with the simple client's rules); the gateway's proxy turns them off and
+passes 3xx answers on.
 
 Connection reuse rules
 ----------------------
@@ -83,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import copy
 import functools
 import heapq
 import itertools
@@ -736,6 +738,7 @@ class _PooledConnection:
         self._out_remaining: int | None = None
         self._decompressor: GzipDecompressor | None = None
         self._gzip_pending = b""
+        self._redirect = False  # this response is a redirect being followed
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -1346,7 +1349,8 @@ class _PooledConnection:
             self._state, self._remaining = _FIXED, content_length
         else:
             self._state = _UNTIL_CLOSE
-        if self._decompress and headers.get("Content-Encoding", "").lower() == "gzip":
+        if (self._decompress and not self._redirect
+                and headers.get("Content-Encoding", "").lower() == "gzip"):
             self._decompressor = GzipDecompressor()
             # The caller only sees decompressed data (HTTP1Connection's renaming).
             headers.add("X-Consumed-Content-Encoding", headers["Content-Encoding"])
@@ -1359,8 +1363,9 @@ class _PooledConnection:
         self.reason = start_line.reason
         self.version = start_line.version
         self.headers = headers
+        self._redirect = self._should_follow_redirect()
         header_callback = self._header_callback
-        if header_callback is not None:
+        if header_callback is not None and not self._redirect:
             try:
                 if self._head_received is not None:
                     self._head_received(start_line, headers)
@@ -1375,6 +1380,8 @@ class _PooledConnection:
     def _emit(self, chunk: bytes) -> None:
         """One piece of the body, for the caller (decompressed first if asked)."""
         self._total += len(chunk)
+        if self._redirect:
+            return  # the body of a redirect that is followed: nobody sees it
         if self._decompressor is not None:
             self._gzip_pending = chunk
             self._inflate()
@@ -1453,8 +1460,17 @@ class _PooledConnection:
                 raise httputil.HTTPInputError("invalid gzip data: %s" % e) from None
         conn = self.stream
         assert conn is not None and self.code is not None
+        if self._redirect:
+            self.stream = None
+            conn.exchange = None
+            if self._reusable(conn):
+                self.client._checkin(self._pool_key, conn)
+            else:
+                conn.close()
+            self._follow_redirect()
+            return
         response = HTTPResponse(
-            self.request,
+            getattr(self._opts, "original_request", None) or self.request,
             self.code,
             reason=self.reason,
             headers=self.headers,
@@ -1473,6 +1489,66 @@ class _PooledConnection:
         else:
             conn.close()
         self._run_callback(response)
+
+    def _should_follow_redirect(self) -> bool:
+        opts = self._opts
+        return bool(
+            opts.follow_redirects
+            and self.code in (301, 302, 303, 307, 308)
+            and (opts.max_redirects or 0) > 0
+            and self.headers is not None
+            and self.headers.get("Location") is not None
+        )
+
+    def _follow_redirect(self) -> None:
+        """Fetch the redirect's target and answer with that (SimpleAsyncHTTPClient's rules:
+        cross-origin redirects drop credentials and cookies; 303, and 301/302 after a POST,
+        become a bodiless GET; ``max_redirects`` counts down)."""
+        assert self.headers is not None
+        request: Any = self.request
+        original = getattr(self._opts, "original_request", None) or getattr(
+            request, "request", request)
+        new_request = copy.copy(getattr(request, "request", request))
+        new_request.url = urllib.parse.urljoin(self._url, self.headers["Location"])
+        new_request.headers = self._req_headers.copy()
+        old_url = urllib.parse.urlsplit(original.url)
+        new_url = urllib.parse.urlsplit(new_request.url)
+        if old_url.scheme != new_url.scheme or old_url.netloc != new_url.netloc:
+            new_request.auth_username = None
+            new_request.auth_password = None
+            if "@" in new_url.netloc:
+                host = new_url.hostname or ""
+                netloc = host if new_url.port is None else "%s:%d" % (host, new_url.port)
+                new_request.url = urllib.parse.urlunsplit(new_url._replace(netloc=netloc))
+            for name in ("Authorization", "Cookie"):
+                new_request.headers.pop(name, None)
+        new_request.max_redirects = (self._opts.max_redirects or 0) - 1
+        new_request.headers.pop("Host", None)
+        if (self.code == 303 and self._method != "HEAD") or (
+            self.code in (301, 302) and self._method == "POST"
+        ):
+            new_request.method = "GET"
+            new_request.body = None
+            new_request.body_producer = None
+            for name in ("Content-Length", "Content-Type", "Content-Encoding",
+                         "Transfer-Encoding"):
+                new_request.headers.pop(name, None)
+        new_request.original_request = original
+        final_callback, self.final_callback = self.final_callback, None
+        self._release()
+        start = self.start_wall_time
+        began = self.start_time
+
+        def on_redirect_done(future: "Future[HTTPResponse]") -> None:
+            try:
+                response = future.result()
+            except Exception as e:  # e.g. a Location with an unsupported scheme
+                response = HTTPResponse(new_request, 599, error=e, start_time=start,
+                                        request_time=self.io_loop.time() - began)
+            if final_callback is not None:
+                final_callback(response)
+
+        self.client.fetch(new_request, raise_error=False).add_done_callback(on_redirect_done)
 
     def _reusable(self, conn: _Upstream) -> bool:
         """May ``conn`` carry another request after this complete exchange?"""

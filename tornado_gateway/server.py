@@ -99,7 +99,16 @@ UPSTREAM_IDLE_TIMEOUT_S = 4.0
 
 
 def configure_upstream_client(config: GatewayConfig) -> None:
-    """Select the proxy's HTTP client from ``config.upstream`` and size it for streaming."""
+    """Select the proxy's HTTP client from ``config.upstream`` (the keep-alive pool unless
+    ``GATEWAY_UPSTREAM=simple``) and size it for streaming; call once, before the first
+    request. This is what ``python -m tornado_gateway`` does, and what an embedding
+    application should do too.
+
+    ``AsyncHTTPClient.configure`` is process-wide: the application's own ``AsyncHTTPClient()``
+    fetches use the pool as well (it follows redirects, decompresses gzip and streams like
+    Tornado's default client). To keep a client of your own choosing for the proxy, call
+    :func:`~tornado_gateway.proxy.configure_http_client` instead.
+    """
     impl = UPSTREAM_CLIENTS[config.upstream]
     AsyncHTTPClient.configure(None)  # drop settings meant for another implementation
     extra = {"idle_timeout": UPSTREAM_IDLE_TIMEOUT_S} if config.upstream == "keepalive" else {}
