@@ -91,11 +91,11 @@ import itertools
 import re
 import socket
 import time
-import zlib
 import urllib.parse
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import Callable
 from io import BytesIO
-from typing import Any, Optional
+from typing import Any
 
 from tornado import httputil, version
 from tornado.concurrent import (
@@ -106,7 +106,6 @@ from tornado.concurrent import (
 from tornado.escape import _unicode
 from tornado.http1connection import is_transfer_encoding_chunked, parse_hex_int, parse_int
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest, HTTPResponse, _RequestProxy
-from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.log import app_log, gen_log
 from tornado.util import GzipDecompressor
@@ -183,12 +182,12 @@ class KeepAliveHTTPClient(AsyncHTTPClient):
         self.waiting: dict[
             object, tuple[HTTPRequest, Callable[[HTTPResponse], None], object, float]
         ] = {}
-        # Idle (stream, IOLoop time it became idle) per pool key. The right end is the
+        # Idle (connection, IOLoop time it became idle) per pool key. The right end is the
         # most recently used: LIFO reuse keeps few connections hot and lets the others
         # time out, and the left end is always the first to expire.
-        self._idle: dict[_PoolKey, collections.deque[tuple[IOStream, float]]] = {}
-        # One timer for the whole pool (not one per idle stream, which would be two
-        # timer operations per request): it fires when the oldest idle stream expires.
+        self._idle: dict[_PoolKey, collections.deque[tuple[_Upstream, float]]] = {}
+        # One timer for the whole pool (not one per idle connection, which would be two
+        # timer operations per request): it fires when the oldest idle connection expires.
         self._sweeper: object = None
         # request_timeout deadlines of started requests, (deadline, seq, exchange) in a heap
         # watched by one loop timer (see _watch_deadline).
