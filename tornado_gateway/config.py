@@ -6,6 +6,7 @@ default it used instead, and carries on (design property 8).
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -42,8 +43,8 @@ class FlaskConfig:
     def is_development(self) -> bool:
         return self.mode != PRODUCTION
 
-    @property
-    def base_url(self) -> str:
+    @functools.cached_property
+    def base_url(self) -> str:  # read on every proxied request; the config is frozen
         if self.url:
             return self.url.rstrip("/")
         # the child binds FLASK_HOST; the gateway connects to it. A wildcard bind address is

@@ -300,7 +300,9 @@ class _AnyMethod(tuple):
     """``SUPPORTED_METHODS`` that admits every method token (WebDAV, PURGE, ...)."""
 
     def __contains__(self, method: object) -> bool:
-        return isinstance(method, str) and bool(_TOKEN.match(method))
+        # the standard ones (the tuple itself) without a regular expression
+        return tuple.__contains__(self, method) or (
+            isinstance(method, str) and bool(_TOKEN.match(method)))
 
 
 class ProxyAborted(Exception):
