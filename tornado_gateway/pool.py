@@ -1189,14 +1189,7 @@ class _PooledConnection:
                     if self._eof:
                         self._lost_mid_message()
                     return
-                if len(buf) <= self._remaining:
-                    chunk = bytes(buf)
-                    buf.clear()
-                else:
-                    chunk = bytes(buf[: self._remaining])
-                    del buf[: self._remaining]
-                self._remaining -= len(chunk)
-                self._emit(chunk)
+                self._emit(self._take_counted())
             elif state == _HEAD:
                 match = _HEAD_END.search(buf)
                 if match is None:
@@ -1240,14 +1233,7 @@ class _PooledConnection:
                     if self._eof:
                         self._lost_mid_message()
                     return
-                if len(buf) <= self._remaining:
-                    chunk = bytes(buf)
-                    buf.clear()
-                else:
-                    chunk = bytes(buf[: self._remaining])
-                    del buf[: self._remaining]
-                self._remaining -= len(chunk)
-                self._emit(chunk)
+                self._emit(self._take_counted())
             elif state == _CHUNK_END:
                 if len(buf) < 2:
                     if self._eof:
@@ -1283,6 +1269,18 @@ class _PooledConnection:
                 if self._eof:
                     self._message_done()
                 return
+
+    def _take_counted(self) -> bytes:
+        """Up to ``_remaining`` bytes of the (non-empty) buffer, counted off."""
+        buf = self._buf
+        if len(buf) <= self._remaining:
+            chunk = bytes(buf)
+            buf.clear()
+        else:
+            chunk = bytes(buf[: self._remaining])
+            del buf[: self._remaining]
+        self._remaining -= len(chunk)
+        return chunk
 
     def _too_large(self) -> str:
         return f"Response body larger than max_body_size ({self._max_body} bytes)"
