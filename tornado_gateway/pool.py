@@ -1204,17 +1204,11 @@ class _PooledConnection:
                 del buf[: match.end()]
                 self._on_head(head)
             elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_CHUNK_LINE:
-                        raise httputil.HTTPInputError("invalid chunk size")
-                    if self._eof:
-                        self._lost_mid_message()
+                line = self._take_line(_MAX_CHUNK_LINE, "invalid chunk size")
+                if line is None:
                     return
-                line = buf[:end].decode("latin1")
-                del buf[: end + 2]
                 try:
-                    size = parse_hex_int(line)
+                    size = parse_hex_int(line.decode("latin1"))
                 except ValueError:
                     raise httputil.HTTPInputError("invalid chunk size") from None
                 if size == 0:
@@ -1244,18 +1238,13 @@ class _PooledConnection:
                 del buf[:2]
                 self._state = _CHUNK_SIZE
             elif state == _TRAILER:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > _MAX_TRAILER:
-                        raise httputil.HTTPInputError("trailer section too large")
-                    if self._eof:
-                        self._lost_mid_message()
+                line = self._take_line(_MAX_TRAILER, "trailer section too large")
+                if line is None:
                     return
-                del buf[: end + 2]
-                if end == 0:  # the empty line after the last chunk (trailers are dropped)
+                if not line:  # the empty line after the last chunk (trailers are dropped)
                     self._message_done()
                     return
-                self._remaining += end
+                self._remaining += len(line)
                 if self._remaining > _MAX_TRAILER:
                     raise httputil.HTTPInputError("trailer section too large")
             else:  # _UNTIL_CLOSE
@@ -1269,6 +1258,21 @@ class _PooledConnection:
                 if self._eof:
                     self._message_done()
                 return
+
+    def _take_line(self, limit: int, error: str) -> bytes | None:
+        """The next CRLF-terminated line (without the CRLF), or None while it is incomplete
+        (having failed the exchange if the connection is over, or the line past ``limit``)."""
+        buf = self._buf
+        end = buf.find(b"\r\n")
+        if end < 0:
+            if len(buf) > limit:
+                raise httputil.HTTPInputError(error)
+            if self._eof:
+                self._lost_mid_message()
+            return None
+        line = bytes(buf[:end])
+        del buf[: end + 2]
+        return line
 
     def _take_counted(self) -> bytes:
         """Up to ``_remaining`` bytes of the (non-empty) buffer, counted off."""
