@@ -273,42 +273,11 @@ def test_run_returns_zero_on_a_ctrl_c_outside_the_handlers(monkeypatch):
     assert server.run(GatewayConfig(port=0)) == 0
 
 
-def test_gateway_http_server_keeps_tcp_nodelay_on(io_loop):
-    """Each client connection gets TCP_NODELAY once; HTTP1Connection's per-response off/on
-    calls no longer reach the socket."""
-    import socket as socket_mod
-
-    import tornado.web
-    from tornado.iostream import IOStream
-
-    from tornado_gateway.server import GatewayHTTPServer
-
-    calls = []
-
-    class Probe(IOStream):
-        def set_nodelay(self, value: bool) -> None:
-            calls.append(value)
-            super().set_nodelay(value)
-
-    server = GatewayHTTPServer(tornado.web.Application([]))
-    a, b = socket_mod.socketpair()
-    try:
-        stream = Probe(a)
-        server.handle_stream(stream, ("127.0.0.1", 1))
-        stream.set_nodelay(False)  # what HTTP1Connection does after each response
-        stream.set_nodelay(True)
-        assert calls == [True]
-    finally:
-        server.stop()
-        stream.close()
-        b.close()
-
-
 async def _head_timeout_server(timeout: float):
     import tornado.web
     from tornado.netutil import bind_sockets
 
-    from tornado_gateway.server import GatewayHTTPServer
+    from tornado_gateway.h1server import GatewayHTTPServer
 
     class Hello(tornado.web.RequestHandler):
         def get(self) -> None:
@@ -316,7 +285,7 @@ async def _head_timeout_server(timeout: float):
 
     srv = GatewayHTTPServer(tornado.web.Application([(r"/", Hello)]), head_timeout=timeout)
     sockets = bind_sockets(0, "127.0.0.1")
-    srv.add_sockets(sockets)
+    await srv.start(sockets)
     return srv, sockets[0].getsockname()[1]
 
 
@@ -330,7 +299,6 @@ async def _closed_after(reader: asyncio.StreamReader, limit: float) -> float:
 @pytest.mark.timeout(20)
 async def test_head_timeout_closes_idle_and_slow_head_connections():
     srv, port = await _head_timeout_server(0.4)
-    assert srv.conn_params.header_timeout is None  # no gen.with_timeout per head read
     try:
         _r, w = await asyncio.open_connection("127.0.0.1", port)  # says nothing
         took = await _closed_after(_r, 3)

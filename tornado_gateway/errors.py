@@ -109,6 +109,40 @@ def payload_too_large(size: Optional[int], limit: int) -> GatewayError:
     )
 
 
+def request_body_too_large(size: Optional[int], limit: int) -> GatewayError:
+    """413 from the HTTP server for a body over a route's limit (the proxy's limit, with its
+    own message, is checked before this one)."""
+    got = "%d bytes" % size if size is not None else "the request body"
+    return GatewayError(
+        413,
+        "Payload too large",
+        "%s exceeds this route's limit of %d bytes." % (got[0].upper() + got[1:], limit),
+        "Send a smaller body. Only /api/deepfake/ routes take large bodies "
+        "(GATEWAY_MAX_BODY).",
+    )
+
+
+def request_head_too_large(limit: int) -> GatewayError:
+    """431 for a request line and header fields longer than the server reads."""
+    return GatewayError(
+        431,
+        "Request header fields too large",
+        "The request line and header fields exceed the gateway's limit of %d bytes." % limit,
+        "Send fewer or shorter header fields (large cookies are the usual cause).",
+    )
+
+
+def malformed_request(detail: str) -> GatewayError:
+    """400 for a request the HTTP server cannot read (a malformed head or body framing)."""
+    return GatewayError(
+        400,
+        "Bad request",
+        "The gateway could not read the request: %s." % detail.rstrip("."),
+        "Send a well-formed HTTP/1.1 request: one request line, 'Name: value' header lines, "
+        "and a body framed by one Content-Length or by Transfer-Encoding: chunked.",
+    )
+
+
 def not_found(path: str) -> GatewayError:
     return GatewayError(
         404,

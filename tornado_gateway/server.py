@@ -12,17 +12,15 @@ import logging
 import signal
 import sys
 import threading
-import time
 from typing import Any, Callable, Dict, List, Optional
 
-from tornado import httputil
 from tornado.httpclient import AsyncHTTPClient
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from .app import make_app
 from .bridge import PythonBridge
 from .config import GatewayConfig, PRODUCTION
+from .h1server import GatewayHTTPServer
 from .proxy import configure_http_client
 
 log = logging.getLogger("tornado_gateway")
@@ -138,100 +136,6 @@ def configure_logging(mode: str, stream: Any = None) -> None:
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
-def _nodelay_pinned(value: bool) -> None:
-    """A connection's ``set_nodelay``: TCP_NODELAY stays on (set once when accepted)."""
-
-
-class _HeadWatch(httputil.HTTPMessageDelegate):
-    """Passes a request through; the moment its head is complete, the connection stops
-    counting as waiting for one (see :class:`GatewayHTTPServer`)."""
-
-    __slots__ = ("_delegate", "_waiting", "_conn")
-
-    def __init__(self, delegate: httputil.HTTPMessageDelegate, waiting: Dict[Any, float],
-                 conn: Any) -> None:
-        self._delegate = delegate
-        self._waiting = waiting
-        self._conn = conn
-
-    def headers_received(self, start_line: Any, headers: httputil.HTTPHeaders) -> Any:
-        self._waiting.pop(self._conn, None)
-        return self._delegate.headers_received(start_line, headers)
-
-    def data_received(self, chunk: bytes) -> Any:
-        return self._delegate.data_received(chunk)
-
-    def finish(self) -> None:
-        self._delegate.finish()
-
-    def on_connection_close(self) -> None:
-        self._waiting.pop(self._conn, None)
-        self._delegate.on_connection_close()
-
-
-class GatewayHTTPServer(HTTPServer):
-    """Tornado's HTTPServer, cheaper per request on two counts.
-
-    * TCP_NODELAY is on for each client connection's whole life. HTTP1Connection turns
-      Nagle's algorithm off when it finishes a response and on again right after (two
-      ``setsockopt`` calls and their Python layers per request); the gateway writes whole
-      heads and body chunks, none of which should wait for Nagle.
-    * ``head_timeout``: a connection waiting for a request head (idle keep-alive, or a head
-      still incomplete) longer than this is closed, as Tornado's ``idle_connection_timeout``
-      does, but checked by one sweep every quarter of the timeout instead of a
-      ``gen.with_timeout`` (a future, a chained future, a loop timer and two callbacks)
-      around every head read. Tornado applies that wrapper even without the setting (with
-      3600 s), so it is switched off here. A connection is closed between 1 and 1.25 times
-      the timeout after it started waiting.
-    """
-
-    def initialize(self, *args: Any, head_timeout: Optional[float] = None,  # type: ignore[override]
-                   **kwargs: Any) -> None:
-        super().initialize(*args, **kwargs)
-        self._head_timeout = head_timeout
-        if head_timeout:
-            self.conn_params.header_timeout = None
-        self._waiting: Dict[Any, float] = {}  # server connection -> waiting since
-        self._sweeper: Optional[asyncio.TimerHandle] = None
-
-    def handle_stream(self, stream: Any, address: Any) -> None:
-        stream.set_nodelay(True)
-        stream.set_nodelay = _nodelay_pinned
-        super().handle_stream(stream, address)
-
-    def start_request(self, server_conn: Any, request_conn: Any) -> httputil.HTTPMessageDelegate:
-        delegate = super().start_request(server_conn, request_conn)
-        if not self._head_timeout:
-            return delegate
-        self._waiting[server_conn] = time.monotonic()
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(
-                self._head_timeout / 4, self._sweep)
-        return _HeadWatch(delegate, self._waiting, server_conn)
-
-    def on_close(self, server_conn: Any) -> None:
-        self._waiting.pop(server_conn, None)
-        super().on_close(server_conn)
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        assert self._head_timeout
-        now = time.monotonic()
-        for conn, since in list(self._waiting.items()):
-            if now - since >= self._head_timeout:
-                del self._waiting[conn]
-                conn.stream.close()  # its request loop ends and on_close() runs
-        if self._waiting:
-            self._sweeper = asyncio.get_running_loop().call_later(
-                self._head_timeout / 4, self._sweep)
-
-    def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-        super().stop()
-
-
 async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
                 install_signals: bool = True,
                 stop_event: Optional[asyncio.Event] = None,
@@ -258,9 +162,9 @@ async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
     # still incomplete, are closed after idle_timeout; a body must arrive within body_timeout
     # (the proxy turns this into an inactivity limit, so long uploads that keep moving pass).
     server = GatewayHTTPServer(app, max_body_size=OWN_ROUTES_MAX_BODY,
-                        head_timeout=config.idle_timeout / 1000.0,
-                        body_timeout=config.body_timeout / 1000.0)
-    server.add_sockets(sockets)
+                               head_timeout=config.idle_timeout / 1000.0,
+                               body_timeout=config.body_timeout / 1000.0)
+    await server.start(sockets)
     port = sockets[0].getsockname()[1]
     log.info("Gateway listening on http://%s:%d (%s mode); the deepfake API is at /api/deepfake/",
              config.host if ":" not in config.host else "[%s]" % config.host, port, config.mode)
