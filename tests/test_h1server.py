@@ -103,10 +103,11 @@ _ODD_FIELDS = st.sampled_from([
     " folded", "\tfolded", "No-Colon", "Bad Name: x", "X-Nul: a\x00b", "X-Sp : v",
     "X-Del: \x7f", "X-Cr: a\rb", ": empty", "X-Utf: \xe9",
 ])
-_LENGTH_FORMS = st.sampled_from(["%d", "%d", "%d,%d", "%d, %d", "+%d", " %d", "0x%x",
-                                 "%d.0", "%d,%d9", "-%d", "%d%d"])
+_LENGTH_FORMS = st.sampled_from(["%d", "%d", "%d", "%d,%d", "%d, %d", "+%d", " %d", "0x%x",
+                                 "%d.0", "%d,%d9", "%d, 1%d", "-%d", "%d%d"])
 _CHUNK_FORMS = st.sampled_from(["%x", "%x", "%X", "0%x", "%x;ext=1", "0x%x", " %x", "+%x",
                                 "%x " , "%x" + "0" * 70])
+_CHUNK_ENDS = st.sampled_from([b"\n", b"", b"XX", b"X-Trailer: 1\r\n\r\n", b"\r\r\n"])
 _TE_FORMS = st.sampled_from(["chunked", "chunked", "Chunked", "chunked, chunked",
                              "gzip, chunked", "identity", "chunked\x0b", " chunked"])
 
@@ -118,7 +119,9 @@ def _request(draw: Any, last: bool = False) -> bytes:
     eol = draw(st.sampled_from(["\r\n"] * 5 + ["\n"]))
     method = draw(_METHODS if draw(st.integers(0, 9)) else _ODD_METHODS)
     lines = ["%s %s %s" % (method, draw(_TARGETS), draw(_VERSIONS))]
-    lines += draw(st.lists(_FIELDS, max_size=4))
+    if draw(st.integers(0, 9)):  # HTTP/1.1 requires it: most requests have one
+        lines.append("Host: h")
+    lines += draw(st.lists(_FIELDS, max_size=3))
     if not draw(st.integers(0, 7)):
         lines.append(draw(_ODD_FIELDS))
     body = draw(st.binary(max_size=40))
@@ -136,9 +139,10 @@ def _request(draw: Any, last: bool = False) -> bytes:
         while rest:
             size = draw(st.integers(1, max(1, len(rest))))
             form = draw(_CHUNK_FORMS) if not draw(st.integers(0, 5)) else "%x"
-            pieces.append((form % size).encode("latin1") + b"\r\n" + rest[:size] + b"\r\n")
+            end = b"\r\n" if draw(st.integers(0, 9)) else draw(_CHUNK_ENDS)
+            pieces.append((form % size).encode("latin1") + b"\r\n" + rest[:size] + end)
             rest = rest[size:]
-        pieces.append(b"0\r\n\r\n")
+        pieces.append(b"0\r\n" + (b"\r\n" if draw(st.integers(0, 9)) else draw(_CHUNK_ENDS)))
         payload = b"".join(pieces)
     lead = draw(st.sampled_from(["", "", "", "\r\n"]))
     head = lead + eol.join(lines) + eol + eol
@@ -164,8 +168,8 @@ _TORNADO_REFUSED = re.compile(rb"HTTP/1\.1 400 Bad Request\r\n\r\n\Z")
 async def _exchange(port: int, data: bytes, cuts: List[int],
                     wait: float = 0.5) -> Tuple[bytes, str]:
     """Send ``data`` cut at ``cuts`` while reading; what came back, and how it ended:
-    ``closed`` by the server, or still ``waiting`` for more after ``wait`` seconds of
-    silence."""
+    ``closed`` by the server, ``reset`` (the kernel may have dropped some of what came
+    back), or still ``waiting`` for more after ``wait`` seconds of silence."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     out = bytearray()
 
@@ -178,8 +182,8 @@ async def _exchange(port: int, data: bytes, cuts: List[int],
                 out.extend(piece)
         except asyncio.TimeoutError:
             return "waiting"
-        except ConnectionResetError:
-            return "closed"
+        except (ConnectionResetError, BrokenPipeError):
+            return "reset"
 
     reading = asyncio.ensure_future(read())
     try:
@@ -232,7 +236,7 @@ def both_servers() -> Any:
 
 
 @pytest.mark.timeout(600)
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_stream())
 def test_property_same_requests_answers_and_refusals_as_tornado(both_servers, stream):
     """Property (gateway server): a byte stream of requests, valid and malformed, split at
@@ -247,7 +251,12 @@ def test_property_same_requests_answers_and_refusals_as_tornado(both_servers, st
         return _normalized(*theirs), _normalized(*ours)
 
     theirs, ours = loop.run_until_complete(both())
-    assert ours == theirs, data
+    if theirs[1] == "reset":
+        # Tornado closed with request bytes unread: the kernel's reset may have destroyed
+        # the end of its answers. GatewayHTTPServer lingers so that it does not.
+        assert ours[1] == "closed" and ours[0].startswith(theirs[0]), data
+    else:
+        assert ours == theirs, data
 
 
 # -- what the property does not reach -------------------------------------------------------

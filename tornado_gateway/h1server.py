@@ -65,8 +65,12 @@ _MAX_CHUNK_LINE = 64
 _READ_PAUSE = 256 * 1024
 _CONTENT_LENGTH_SPLIT = re.compile(r",[ \t]*")
 
+#: How long a connection closed with request bytes still unread keeps reading (and dropping)
+#: them after its last answer, so that the client sees the answer rather than a reset.
+_LINGER_S = 2.0
+
 # phases of a connection
-_HEAD, _BODY, _HANDLING, _CLOSED = range(4)
+_HEAD, _BODY, _HANDLING, _LINGER, _CLOSED = range(5)
 # body framings
 _FIXED, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _LAST_CRLF = range(5)
 
@@ -256,6 +260,7 @@ class _Connection(asyncio.Protocol):
         self._remaining = 0
         self._body_total = 0
         self._body_timer: Optional[asyncio.TimerHandle] = None
+        self._linger_timer: Optional[asyncio.TimerHandle] = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -273,6 +278,8 @@ class _Connection(asyncio.Protocol):
         self.server.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.phase == _LINGER:
+            return  # closing: what the client still sends is dropped
         self._buf += data
         if self._blocked or self.phase == _HANDLING:
             if len(self._buf) > _READ_PAUSE:
@@ -287,6 +294,9 @@ class _Connection(asyncio.Protocol):
         self.phase = _CLOSED
         self.transport = None
         self._cancel_body_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self.server.connection_closed(self)
         waiters, self._write_waiters = self._write_waiters, []
         for waiter in waiters:
@@ -334,10 +344,7 @@ class _Connection(asyncio.Protocol):
     def exchange_done(self, exchange: _Exchange) -> None:
         """The answer is complete: close, or go on with the next request."""
         if exchange.disconnect_on_finish:
-            if not exchange.read_finished:
-                self.phase = _HANDLING  # whatever else arrives is not read
-            assert self.transport is not None
-            self.transport.close()  # after what is buffered is sent
+            self._linger()  # the client may still be sending: the body, the next request
             return
         self.exchange = None
         self.phase = _HEAD
@@ -560,7 +567,7 @@ class _Connection(asyncio.Protocol):
             assert exchange.delegate is not None
             self._call(exchange.delegate.finish)
         elif exchange.disconnect_on_finish and self.transport is not None:
-            self.transport.close()
+            self._linger()
 
     def _body_timed_out(self) -> None:
         self._body_timer = None
@@ -659,7 +666,25 @@ class _Connection(asyncio.Protocol):
                 "Cache-Control: no-store\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                 % (error.status, httputil.responses.get(error.status, "Error"), len(body)))
         transport.write(head.encode("latin1") + body)
-        transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after the answer, without a reset: send what is buffered and the FIN, then
+        read and drop what the client still sends until it closes too (at most
+        ``_LINGER_S``). Closing a socket with unread bytes, or receiving bytes after closing
+        it, makes the kernel send a reset, which can destroy the answer before the client
+        reads it (a 413 to a big upload would show as "connection reset")."""
+        transport = self.transport
+        assert transport is not None
+        self.phase = _LINGER
+        self._buf.clear()
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._reading_paused = False
+        transport.resume_reading()
+        self._linger_timer = asyncio.get_running_loop().call_later(_LINGER_S, self.abort)
 
 
 class GatewayHTTPServer(httputil.HTTPServerConnectionDelegate):
