@@ -78,8 +78,10 @@ def test_copies_and_field_lists_equal_the_public_api(pairs):
     copy.add("X-Only-In-Copy", "1")  # the copy is independent of the original
     assert "X-Only-In-Copy" not in slow
     assert fast.field_lines(slow) == ["%s: %s" % f for f in slow.get_all()]
+    assert fast.fields(slow) == list(slow.get_all())
     for name in {n for n, _ in slow.get_all()} | {"X-Absent"}:
         assert fast.get_field(slow, name) == slow.get(name)
+        assert fast.get_fields(slow, name) == slow.get_list(name)
     rebuilt = fast.headers_from_fields(slow.get_all())
     assert list(rebuilt.get_all()) == list(slow.get_all())
     for name in {n for n, _ in slow.get_all()}:

@@ -52,7 +52,7 @@ from tornado.iostream import StreamClosedError
 from tornado.log import app_log, gen_log
 
 from . import errors
-from .headers import parse_header_block
+from .headers import field_lines, get_field, parse_header_block
 
 __all__ = ["GatewayHTTPServer"]
 
@@ -158,7 +158,7 @@ class _Exchange(httputil.HTTPConnection):
         if request.version == "HTTP/1.1" and self.disconnect_on_finish:
             headers["Connection"] = "close"
         if request.version == "HTTP/1.0" and \
-                self.headers.get("Connection", "").lower() == "keep-alive":
+                (get_field(self.headers, "Connection") or "").lower() == "keep-alive":
             headers["Connection"] = "Keep-Alive"
         if self._chunking:
             headers["Transfer-Encoding"] = "chunked"
@@ -169,7 +169,7 @@ class _Exchange(httputil.HTTPConnection):
         else:
             self._remaining = None
         lines = ["HTTP/1.1 %d %s" % (code, start_line.reason)]
-        lines.extend("%s: %s" % (name, value) for name, value in headers.get_all())
+        lines += field_lines(headers)
         head = "\r\n".join(lines)
         # each line joined by exactly one CRLF: no CR or LF inside a line
         if head.count("\n") != len(lines) - 1 or head.count("\r") != len(lines) - 1:
@@ -424,7 +424,7 @@ class _Connection(asyncio.Protocol):
                         headers: httputil.HTTPHeaders) -> bool:
         if self.server.no_keep_alive:
             return False
-        connection = headers.get("Connection")
+        connection = get_field(headers, "Connection")
         if connection is not None:
             connection = connection.lower()
         if start_line.version == "HTTP/1.1":
@@ -437,7 +437,7 @@ class _Connection(asyncio.Protocol):
     def _start_body(self, exchange: _Exchange) -> bool:
         """After the handler took the head: decide the body's framing. False: no body."""
         headers = exchange.headers
-        if headers.get("Expect") == "100-continue" and not exchange.write_finished:
+        if get_field(headers, "Expect") == "100-continue" and not exchange.write_finished:
             assert self.transport is not None
             self.transport.write(b"HTTP/1.1 100 (Continue)\r\n\r\n")
         length: Optional[int] = None

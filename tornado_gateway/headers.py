@@ -19,8 +19,8 @@ from typing import Dict, Iterable, List, Optional, Tuple, Type, TypeVar
 
 from tornado import httputil
 
-__all__ = ["copy_headers", "empty_headers", "field_lines", "get_field", "headers_from_fields",
-           "parse_header_block"]
+__all__ = ["copy_headers", "empty_headers", "field_lines", "fields", "get_field",
+           "get_fields", "headers_from_fields", "parse_header_block"]
 
 H = TypeVar("H", bound=httputil.HTTPHeaders)
 
@@ -104,6 +104,22 @@ def get_field(headers: httputil.HTTPHeaders, name: str) -> Optional[str]:
             return None
         return values[0] if len(values) == 1 else ",".join(values)
     return headers.get(name)
+
+
+def get_fields(headers: httputil.HTTPHeaders, name: str) -> List[str]:
+    """``headers.get_list(name)`` for a name already in normalized form."""
+    as_list = getattr(headers, "_as_list", None)
+    if FAST and isinstance(as_list, dict):
+        return as_list.get(name) or []
+    return headers.get_list(name)
+
+
+def fields(headers: httputil.HTTPHeaders) -> List[Tuple[str, str]]:
+    """``list(headers.get_all())`` (one list comprehension, no generator step per field)."""
+    as_list = getattr(headers, "_as_list", None)
+    if FAST and isinstance(as_list, dict):
+        return [(name, value) for name, values in as_list.items() for value in values]
+    return list(headers.get_all())
 
 
 def field_lines(headers: httputil.HTTPHeaders) -> List[str]:

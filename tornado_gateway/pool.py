@@ -1351,7 +1351,7 @@ class _PooledConnection:
         else:
             self._state = _UNTIL_CLOSE
         if (self._decompress and not self._redirect
-                and headers.get("Content-Encoding", "").lower() == "gzip"):
+                and (get_field(headers, "Content-Encoding") or "").lower() == "gzip"):
             self._decompressor = GzipDecompressor()
             # The caller only sees decompressed data (HTTP1Connection's renaming).
             headers.add("X-Consumed-Content-Encoding", headers["Content-Encoding"])

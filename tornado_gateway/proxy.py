@@ -56,7 +56,9 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from . import errors
 from .config import GatewayConfig
 from .errors import GatewayError, write_error_response
-from .headers import copy_headers, empty_headers, get_field, headers_from_fields
+from .headers import (copy_headers, empty_headers, get_field, get_fields,
+                      headers_from_fields)
+from .headers import fields as header_fields
 
 log = logging.getLogger("tornado_gateway.proxy")
 
@@ -165,7 +167,7 @@ def _decode_fully(text: str, rounds: int = 5) -> str:
 def connection_tokens(headers: httputil.HTTPHeaders) -> set[str]:
     """Lower-case header names listed in the ``Connection`` header(s) (hop-by-hop by naming)."""
     tokens: set[str] = set()
-    values = headers.get_list("Connection")
+    values = get_fields(headers, "Connection")
     if not values:  # the common case
         return tokens
     for value in values:
@@ -188,7 +190,7 @@ def upstream_request_headers(headers: httputil.HTTPHeaders, remote_ip: Optional[
     named = connection_tokens(headers)
     fields: List[Tuple[str, str]] = []
     forwarded_for: List[str] = []
-    for name, value in headers.get_all():
+    for name, value in header_fields(headers):
         lname = name.lower()
         # is_hop_by_hop() inlined (a call per header line shows in the CPU per request);
         # X-Forwarded-Proto/-Host are replaced below: this gateway is the edge that knows them
@@ -213,7 +215,7 @@ def client_response_headers(headers: httputil.HTTPHeaders) -> List[Tuple[str, st
     """The upstream response headers to pass to the client: all but hop-by-hop, repeats kept."""
     named = connection_tokens(headers)
     out = []
-    for name, value in headers.get_all():
+    for name, value in header_fields(headers):
         lname = name.lower()  # is_hop_by_hop() inlined: it runs for every header line
         if lname in HOP_BY_HOP or lname.startswith("proxy-") or lname in named:
             continue
@@ -695,7 +697,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         # Checked when the head was parsed (and just above): not again per field by add_header
         self._headers = headers_from_fields(fields)
         self._upstream_length_known = "Content-Length" in headers
-        length = headers.get("Content-Length")
+        length = get_field(headers, "Content-Length")
         self._down_length = int(length) if length is not None and _DIGITS.match(length) else None
         self._head_applied = True
 
