@@ -69,6 +69,10 @@ _CONTENT_LENGTH_SPLIT = re.compile(r",[ \t]*")
 #: them after its last answer, so that the client sees the answer rather than a reset.
 _LINGER_S = 2.0
 
+#: Fields whose presence means the body's framing must be decided after the handler took the
+#: head (the limit it sets, a 100 Continue to send, a framing error to answer).
+_MAY_HAVE_BODY = frozenset(["Content-Length", "Transfer-Encoding", "Expect"])
+
 # phases of a connection
 _HEAD, _BODY, _HANDLING, _LINGER, _CLOSED = range(5)
 # body framings
@@ -418,6 +422,11 @@ class _Connection(asyncio.Protocol):
         delegate = self.server.start_request(self, exchange)
         exchange.delegate = delegate
         self._call(delegate.headers_received, start_line, headers)
+        if self._blocked and not _MAY_HAVE_BODY.intersection(headers):
+            # Nothing to read and nothing to decide: the body (none) is complete now, while
+            # the handler is still preparing. A streaming handler then goes from prepare()
+            # to its method without waiting for another turn of the event loop.
+            self._body_complete(exchange)
         return True
 
     def _can_keep_alive(self, start_line: httputil.RequestStartLine,
