@@ -328,9 +328,10 @@ class Gateway:
 
 
 class Reference:
-    """``bench/tornado_floor.py``: a bare Tornado server answering the tiny GET itself."""
+    """``bench/tornado_floor.py``: a bare RequestHandler on the gateway's HTTP server
+    answering the tiny GET itself."""
 
-    name = "tornado floor"
+    name = "handler floor"
 
     def __init__(self, procs: Processes, env: Dict[str, str]) -> None:
         self.port = free_port()
@@ -640,7 +641,7 @@ def throughput(gateways: List[Gateway], conns_list: List[int], repeats: int, dur
                loader: Callable[..., Dict[str, Any]],
                reference: Optional[Reference] = None) -> Dict[str, Any]:
     """Interleaved: each repeat runs direct (the first gateway's child), each gateway (and the
-    bare Tornado reference), in a rotating order; each gateway's ratio is against the direct
+    bare-handler reference), in a rotating order; each gateway's ratio is against the direct
     run of the same repeat."""
     path = "/api/deepfake/tiny"
     base = gateways[0]
@@ -841,7 +842,7 @@ def summarize(raw: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
             row[target]["rps_ratio"] = spread(ratios)
         floor, direct = row.get(Reference.name), row.get("direct")
         if conns == "1" and floor and direct and floor["rps"] and direct["rps"]:
-            # serial at one connection: time(gateway) >= time(direct) + time(bare Tornado)
+            # serial at one connection: time(gateway) >= time(direct) + time(bare handler)
             t_direct, t_floor = 1.0 / direct["rps"]["median"], 1.0 / floor["rps"]["median"]
             floor["gateway_ratio_ceiling"] = t_direct / (t_direct + t_floor)
         s["tiny_get"][conns] = row
@@ -974,8 +975,9 @@ def print_report(result: Dict[str, Any]) -> None:
     for conns, row in s["tiny_get"].items():
         ceiling = row.get(Reference.name, {}).get("gateway_ratio_ceiling")
         if ceiling is not None:
-            w("c=%s: a request through any gateway served by Tornado takes at least the direct "
-              "time plus the bare Tornado server's (%s): at most %.2fx direct\n"
+            w("c=%s: a request through a gateway on this server and RequestHandler takes at "
+              "least the direct "
+              "time plus the bare handler's (%s): at most %.2fx direct\n"
               % (conns, Reference.name, ceiling))
 
     if s["transfers"]:

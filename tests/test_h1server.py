@@ -16,6 +16,7 @@ import socket
 from typing import Any, List, Tuple
 
 import pytest
+import tornado.httputil
 import tornado.web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -306,6 +307,43 @@ async def test_malformed_requests_get_json_errors_not_bare_400s():
     finally:
         server.stop()
         await server.close_all_connections()
+
+
+@pytest.mark.timeout(20)
+async def test_a_refused_request_leaves_its_handler_writing_nowhere():
+    """A body over the limit is refused by the server while the handler is reading it: the
+    client gets the 413, and the handler's own writes fail as on a closed connection."""
+    held: List[Any] = []
+    closed: List[str] = []
+
+    @tornado.web.stream_request_body
+    class Reader(tornado.web.RequestHandler):
+        def prepare(self) -> None:
+            held.append(self.request.connection)
+
+        def data_received(self, chunk: bytes) -> None:
+            pass
+
+        def on_connection_close(self) -> None:
+            closed.append("closed")
+
+    server, port = await _serve(tornado.web.Application([(r"/r", Reader)]), max_body_size=100)
+    try:
+        body = b"80\r\n" + b"x" * 128 + b"\r\n0\r\n\r\n"
+        status, err = _json_error(await _raw(
+            port, b"POST /r HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + body))
+        assert status == 413
+        with pytest.raises(StreamClosedError):
+            await held[0].write_headers(
+                tornado.httputil.ResponseStartLine("HTTP/1.1", 200, "OK"),
+                tornado.httputil.HTTPHeaders())
+        for _ in range(50):
+            if closed:
+                break
+            await asyncio.sleep(0.02)
+        assert closed == ["closed"]  # told once the connection is gone
+    finally:
+        server.stop()
 
 
 @pytest.mark.timeout(20)

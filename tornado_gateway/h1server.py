@@ -147,7 +147,7 @@ class _Exchange(httputil.HTTPConnection):
     def write_headers(self, start_line: Any, headers: httputil.HTTPHeaders,
                       chunk: Optional[bytes] = None) -> "asyncio.Future[None]":
         conn = self._conn
-        if conn.exchange is not self or conn.transport is None:
+        if not conn.serving(self):
             return _closed_future()
         request = self.start_line
         code = start_line.code
@@ -199,7 +199,7 @@ class _Exchange(httputil.HTTPConnection):
 
     def write(self, chunk: bytes) -> "asyncio.Future[None]":
         conn = self._conn
-        if conn.exchange is not self or conn.transport is None:
+        if not conn.serving(self):
             return _closed_future()
         data = self._format_chunk(chunk)
         if data:
@@ -208,7 +208,7 @@ class _Exchange(httputil.HTTPConnection):
 
     def finish(self) -> None:
         conn = self._conn
-        live = conn.exchange is self and conn.transport is not None
+        live = conn.serving(self)
         if self._remaining and live:
             conn.abort()
             raise HTTPOutputError("Tried to write %d bytes less than Content-Length"
@@ -331,6 +331,11 @@ class _Connection(asyncio.Protocol):
         self._maybe_resume_reading()
 
     # -- for _Exchange ----------------------------------------------------------------------
+
+    def serving(self, exchange: _Exchange) -> bool:
+        """Whether ``exchange`` may still write (the current one, on an open connection that
+        is not closing after a refusal)."""
+        return self.exchange is exchange and self.phase < _LINGER and self.transport is not None
 
     def flushed(self) -> "asyncio.Future[None]":
         """Resolved now while the transport keeps up; else when its buffer drains."""
@@ -660,7 +665,7 @@ class _Connection(asyncio.Protocol):
         """Answer a request the server itself cannot take, then close."""
         exchange = self.exchange
         transport = self.transport
-        if transport is None:
+        if transport is None or self.phase >= _LINGER:
             return
         if exchange is not None and (exchange.started or exchange.write_finished):
             self.abort()  # an answer is under way: only closing can say something broke
