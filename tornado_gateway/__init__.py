@@ -4,18 +4,46 @@ The pieces an embedding application needs::
 
     from tornado_gateway import (PythonBridge, configure_upstream_client, gateway_routes,
                                  load_config)
+
+Names are imported on first use, so ``python -m tornado_gateway`` parses its command line
+(and answers ``--help``) before Tornado is loaded, and a Ctrl+C during that import is an
+ordinary, quiet exit.
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict, List
+
 __version__ = "0.1.0"
 
-from .app import gateway_routes, make_app  # noqa: E402
-from .bridge import PythonBridge  # noqa: E402
-from .config import FlaskConfig, GatewayConfig, load_config  # noqa: E402
-from .proxy import DeepfakeProxyHandler, configure_http_client, proxy_routes  # noqa: E402
-from .server import configure_upstream_client, run, serve  # noqa: E402
-from .state import BridgeState  # noqa: E402
+_WHERE: Dict[str, str] = {
+    "BridgeState": ".state",
+    "DeepfakeProxyHandler": ".proxy",
+    "FlaskConfig": ".config",
+    "GatewayConfig": ".config",
+    "GatewayHTTPServer": ".h1server",
+    "PythonBridge": ".bridge",
+    "configure_http_client": ".proxy",
+    "configure_upstream_client": ".server",
+    "gateway_routes": ".app",
+    "load_config": ".config",
+    "make_app": ".app",
+    "proxy_routes": ".proxy",
+    "run": ".server",
+    "serve": ".server",
+}
 
-__all__ = [
-    "BridgeState", "DeepfakeProxyHandler", "FlaskConfig", "GatewayConfig", "PythonBridge",
-    "configure_http_client", "configure_upstream_client", "gateway_routes", "load_config",
-    "make_app", "proxy_routes", "run", "serve", "__version__",
-]
+__all__ = sorted(_WHERE) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError("module %r has no attribute %r" % (__name__, name))
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_WHERE))

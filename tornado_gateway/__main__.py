@@ -31,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl+C before run() handles it (while Tornado and the gateway are imported, about
+        # 0.2 s): nothing has been started, so this is a normal stop.
+        return 0
+
+
+def _main(argv: Optional[List[str]]) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     from .server import configure_logging, run, shutdown_signals
