@@ -62,7 +62,7 @@ _DEFAULT_MAX_BODY = 100 * 1024 * 1024  # Tornado's default (its streams' max_buf
 _DEFAULT_CHUNK = 65536
 _MAX_CHUNK_LINE = 64
 #: Unread bytes (pipelined requests, a body the handler is not taking) that pause reading.
-_READ_PAUSE = 256 * 1024
+_READ_PAUSE = 64 * 1024
 _CONTENT_LENGTH_SPLIT = re.compile(r",[ \t]*")
 
 #: How long a connection closed with request bytes still unread keeps reading (and dropping)
@@ -244,8 +244,14 @@ class _Exchange(httputil.HTTPConnection):
             "routes with tornado.httpserver.HTTPServer")
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: parses requests, runs one exchange at a time."""
+class _Connection(asyncio.BufferedProtocol):
+    """One client connection: parses requests, runs one exchange at a time.
+
+    A buffered protocol: the transport reads into the server's one receive buffer
+    (``chunk_size``), from which what arrived is appended to this connection's buffer. A
+    plain protocol gets a new bytes object of up to 256 KiB per read; with many connections
+    uploading at once those large short-lived allocations left the gateway's RSS about
+    12 MiB higher after 200 concurrent clients (measured: 82 MiB against 70)."""
 
     def __init__(self, server: "GatewayHTTPServer") -> None:
         self.server = server
@@ -277,14 +283,21 @@ class _Connection(asyncio.Protocol):
         flushed = asyncio.get_running_loop().create_future()
         flushed.set_result(None)
         self._flushed = flushed
-        high = self.server.chunk_size
+        # A handler's flush() waits while more than 32 KiB are unsent, until 8 KiB are left.
+        # Measured with 200 concurrent clients: 64/16 KiB left the RSS 12-18 MiB above its
+        # baseline after the load (Tornado's HTTPServer: 8-11), 32/8 KiB 5-10; 16/4 KiB made
+        # a 1 GiB download 1.6x slower.
+        high = self.server.chunk_size // 2
         transport.set_write_buffer_limits(high=high, low=high // 4)
         self.server.connection_opened(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.receive_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self.phase == _LINGER:
             return  # closing: what the client still sends is dropped
-        self._buf += data
+        self._buf += self.server.receive_buffer[:nbytes]
         if self._blocked or self.phase == _HANDLING:
             if len(self._buf) > _READ_PAUSE:
                 self._pause_reading()
@@ -725,6 +738,8 @@ class GatewayHTTPServer(httputil.HTTPServerConnectionDelegate):
         self.head_timeout = head_timeout
         self.no_keep_alive = no_keep_alive
         self.chunk_size = chunk_size or _DEFAULT_CHUNK
+        # where every connection's reads land (one loop, one read at a time), then copied out
+        self.receive_buffer = memoryview(bytearray(self.chunk_size))
         self._servers: List[asyncio.AbstractServer] = []
         self._connections: Set[_Connection] = set()
         self._waiting: Dict[_Connection, float] = {}  # connection -> waiting for a head since
