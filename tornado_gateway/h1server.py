@@ -32,10 +32,19 @@ the request-line and header parsers. What this module does is what ``HTTP1Connec
 * requests on a connection are handled one at a time (pipelined ones wait in the buffer, and
   reading pauses when that buffer or the unsent answer grows).
 
-Differences, on purpose: a malformed request, an oversized head or body is answered with the
-gateway's JSON error (400, 431, 413) instead of a bare 400 or a silent close; ``detach()``
-(WebSocket) is not supported; no TLS, no ``xheaders``. An idle connection, or one whose head
-is incomplete, is closed after ``head_timeout``, checked by one sweep per server.
+Differences, on purpose (``tests/test_h1server.py`` checks everything else against Tornado's
+``HTTPServer`` on random request streams):
+
+* a malformed request, an oversized head or body is answered with the gateway's JSON error
+  (400, 431, 413) instead of a bare 400 or a silent close;
+* a request without body framing fields is complete as soon as its head is: a streaming
+  handler that answers it before its ``prepare()`` is over (a 405, the proxy's 503) keeps
+  the connection, where Tornado closes it;
+* a connection closed after an answer first sends the FIN and drops what the client still
+  sends (up to ``_LINGER_S``), so the answer is not lost to a reset;
+* ``detach()`` (WebSocket) is not supported; no TLS, no ``xheaders``;
+* an idle connection, or one whose head is incomplete, is closed after ``head_timeout``,
+  checked by one sweep per server.
 """
 from __future__ import annotations
 
