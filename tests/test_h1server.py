@@ -477,6 +477,7 @@ async def test_answer_before_the_body_closes_after_it_and_skips_the_body():
             port, b"POST /e HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n0123456789"
                   b"GET /e HTTP/1.1\r\nHost: h\r\n\r\n", [60], wait=3.0)
         assert out.startswith(b"HTTP/1.1 413") and end == "closed"
+        assert b"\r\nConnection: close" in out.partition(b"\r\n\r\n")[0]
         assert out.endswith(b"no") and out.count(b"HTTP/1.1") == 1
         assert bodies == []
     finally:

@@ -26,7 +26,8 @@ the request-line and header parsers. What this module does is what ``HTTP1Connec
   will close, chunked responses without a ``Content-Length``, none for HEAD/1xx/204/304;
   writing more or less than the declared ``Content-Length`` closes the connection;
 * an answer finished before its request body was read closes the connection afterwards, and
-  the rest of the body never reaches the handler;
+  the rest of the body never reaches the handler (here the answer says ``Connection: close``
+  as soon as its head is written before the body was read);
 * write futures resolve at once while the socket keeps up and only when the transport's
   buffer drains below its low-water mark otherwise (the download back-pressure);
 * requests on a connection are handled one at a time (pipelined ones wait in the buffer, and
@@ -168,6 +169,10 @@ class _Exchange(httputil.HTTPConnection):
             and not 100 <= code < 200
             and "Content-Length" not in headers
         )
+        if not self.read_finished:
+            # Answered before the request's body was read: the rest of it will not be read,
+            # so the connection ends with this answer (Tornado closes it too, without saying).
+            self.disconnect_on_finish = True
         if request.version == "HTTP/1.1" and self.disconnect_on_finish:
             headers["Connection"] = "close"
         if request.version == "HTTP/1.0" and \
