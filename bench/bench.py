@@ -976,8 +976,7 @@ def print_report(result: Dict[str, Any]) -> None:
         ceiling = row.get(Reference.name, {}).get("gateway_ratio_ceiling")
         if ceiling is not None:
             w("c=%s: a request through a gateway on this server and RequestHandler takes at "
-              "least the direct "
-              "time plus the bare handler's (%s): at most %.2fx direct\n"
+              "least the direct time plus the bare handler's (%s): at most %.2fx direct\n"
               % (conns, Reference.name, ceiling))
 
     if s["transfers"]:

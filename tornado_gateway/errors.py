@@ -99,27 +99,26 @@ def gateway_timeout(timeout_s: float) -> GatewayError:
     )
 
 
-def payload_too_large(size: Optional[int], limit: int) -> GatewayError:
+def _too_large(size: Optional[int], limit: int, whose: str, suggestion: str) -> GatewayError:
     got = "%d bytes" % size if size is not None else "the request body"
     return GatewayError(
         413,
         "Payload too large",
-        "%s exceeds the gateway's limit of %d bytes." % (got[0].upper() + got[1:], limit),
-        "Send a smaller body, or raise the limit with GATEWAY_MAX_BODY (bytes) or --max-body.",
+        "%s exceeds %s limit of %d bytes." % (got[0].upper() + got[1:], whose, limit),
+        suggestion,
     )
+
+
+def payload_too_large(size: Optional[int], limit: int) -> GatewayError:
+    return _too_large(size, limit, "the gateway's", "Send a smaller body, or raise the limit "
+                      "with GATEWAY_MAX_BODY (bytes) or --max-body.")
 
 
 def request_body_too_large(size: Optional[int], limit: int) -> GatewayError:
     """413 from the HTTP server for a body over a route's limit (the proxy's limit, with its
     own message, is checked before this one)."""
-    got = "%d bytes" % size if size is not None else "the request body"
-    return GatewayError(
-        413,
-        "Payload too large",
-        "%s exceeds this route's limit of %d bytes." % (got[0].upper() + got[1:], limit),
-        "Send a smaller body. Only /api/deepfake/ routes take large bodies "
-        "(GATEWAY_MAX_BODY).",
-    )
+    return _too_large(size, limit, "this route's", "Send a smaller body. Only /api/deepfake/ "
+                      "routes take large bodies (GATEWAY_MAX_BODY).")
 
 
 def request_head_too_large(limit: int) -> GatewayError:
