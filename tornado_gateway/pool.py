@@ -1462,12 +1462,7 @@ class _PooledConnection:
         conn = self.stream
         assert conn is not None and self.code is not None
         if self._redirect:
-            self.stream = None
-            conn.exchange = None
-            if self._reusable(conn):
-                self.client._checkin(self._pool_key, conn)
-            else:
-                conn.close()
+            self._hand_back(conn)
             self._follow_redirect()
             return
         response = HTTPResponse(
@@ -1481,15 +1476,19 @@ class _PooledConnection:
             effective_url=self._url,
         )
         self.chunks = bytearray()
-        self.stream = None
-        conn.exchange = None
         # Pool before releasing the max_clients slot, so that a queued request started
         # by the release finds this connection idle.
+        self._hand_back(conn)
+        self._run_callback(response)
+
+    def _hand_back(self, conn: _Upstream) -> None:
+        """The exchange is done with ``conn``: back to the pool if reusable, else closed."""
+        self.stream = None
+        conn.exchange = None
         if self._reusable(conn):
             self.client._checkin(self._pool_key, conn)
         else:
             conn.close()
-        self._run_callback(response)
 
     def _should_follow_redirect(self) -> bool:
         opts = self._opts
