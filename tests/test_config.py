@@ -192,3 +192,64 @@ def test_huge_times_do_not_crash_the_bridge():
     PythonBridge(cfg, control=object())  # used to raise OverflowError
     cfg, warnings = load({"FLASK_HEALTH_INTERVAL": "1000000000000"})
     assert warnings == [] and cfg.flask.health_interval == 10 ** 12
+
+
+# --- workers and dispatch ------------------------------------------------------------------
+
+def test_worker_count_defaults_by_mode(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert load({})[0].flask.worker_count == 1
+    assert load({"GATEWAY_ENV": "production"})[0].flask.worker_count == 6
+    assert load({"GATEWAY_ENV": "production", "FLASK_WORKERS": "3"})[0].flask.worker_count == 3
+    assert load({}, {"workers": "4"})[0].flask.worker_count == 4
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "two", "65", ""])
+def test_invalid_worker_counts_warn_and_use_the_default(raw):
+    cfg, warnings = load({"FLASK_WORKERS": raw})
+    assert cfg.flask.workers is None and cfg.flask.worker_count == 1
+    assert len(warnings) == (0 if raw == "" else 1)
+    if raw:
+        assert "FLASK_WORKERS" in warnings[0]
+
+
+def test_workers_past_the_last_port_are_cut_with_a_warning():
+    cfg, warnings = load({"FLASK_PORT": "65534", "FLASK_WORKERS": "4"})
+    assert cfg.flask.worker_count == 2 and len(warnings) == 1 and "65534" in warnings[0]
+
+
+def test_dispatch_settings():
+    cfg, warnings = load({"GATEWAY_WORKER_LIMIT": "3", "GATEWAY_QUEUE_LIMIT": "0",
+                          "GATEWAY_QUEUE_TIMEOUT": "1500"})
+    assert warnings == []
+    assert (cfg.worker_limit, cfg.queue_limit, cfg.queue_timeout) == (3, 0, 1500)
+    cfg, warnings = load({"GATEWAY_WORKER_LIMIT": "0", "GATEWAY_QUEUE_LIMIT": "-2",
+                          "GATEWAY_QUEUE_TIMEOUT": "0"})
+    assert len(warnings) == 3
+    assert (cfg.worker_limit, cfg.queue_limit, cfg.queue_timeout) == (2, 256, 30000)
+
+
+def test_flask_url_may_list_several_servers():
+    cfg, warnings = load({"FLASK_URL": "http://127.0.0.1:7001/, http://10.0.0.2:7002"})
+    assert warnings == []
+    f = cfg.flask
+    assert f.url == "http://127.0.0.1:7001" and f.urls == ("http://127.0.0.1:7001",
+                                                          "http://10.0.0.2:7002")
+    assert f.worker_count == 2 and f.base_url == "http://127.0.0.1:7001"
+    from tornado_gateway.config import worker_config
+    second = worker_config(f, 1)
+    assert (second.url, second.host, second.port, second.base_url) == (
+        "http://10.0.0.2:7002", "10.0.0.2", 7002, "http://10.0.0.2:7002")
+
+
+@pytest.mark.parametrize("raw", ["http://a:1,http://a:1", "http://a:1,ftp://b", ",", "http://a:1,x"])
+def test_bad_url_lists_warn_and_spawn_instead(raw):
+    cfg, warnings = load({"FLASK_URL": raw})
+    assert cfg.flask.url is None and cfg.flask.urls == () and len(warnings) == 1
+
+
+def test_worker_config_gives_each_spawned_worker_its_port():
+    from tornado_gateway.config import worker_config
+    f = load({"FLASK_WORKERS": "2", "FLASK_PORT": "6000"})[0].flask
+    assert [worker_config(f, i).base_url for i in range(2)] == [
+        "http://127.0.0.1:6000", "http://127.0.0.1:6001"]

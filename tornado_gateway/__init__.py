@@ -26,6 +26,7 @@ _WHERE: Dict[str, str] = {
     "configure_http_client": ".proxy",
     "configure_upstream_client": ".server",
     "gateway_routes": ".app",
+    "WorkerGroup": ".group",
     "load_config": ".config",
     "make_app": ".app",
     "proxy_routes": ".proxy",

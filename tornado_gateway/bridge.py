@@ -56,10 +56,15 @@ class PythonBridge:
                  clock: Callable[[], float] = time.monotonic,
                  environ: Optional[Dict[str, str]] = None,
                  detect_python: Callable[[Optional[str]], Optional[str]] = child_mod.detect_python,
-                 port_in_use: Callable[[str, int], bool] = child_mod.port_in_use) -> None:
+                 port_in_use: Callable[[str, int], bool] = child_mod.port_in_use,
+                 name: Optional[str] = None) -> None:
         if isinstance(config, GatewayConfig):
             config = config.flask
         self.config: FlaskConfig = config or FlaskConfig()
+        #: which worker of a group this is ("worker 2"); None for a bridge on its own. Its log
+        #: lines (and its child's) then say so.
+        self.name = name
+        self._log: Any = log if name is None else _NamedLog(log, name)
         self._control = control or child_mod.process_control_for()
         self._checker = checker or HealthChecker(
             self.config.base_url, timeout_s=self._check_timeout_s())
@@ -133,10 +138,19 @@ class PythonBridge:
         ``ready``; False after ``timeout_s`` or when it reaches a state it cannot leave alone."""
         return await self._machine.wait_until_ready(timeout_s)
 
+    def add_state_listener(self, listener: Callable[[BridgeState, BridgeState, str], None]) -> None:
+        """Call ``listener(old, new, reason)`` on every state change (on the event loop)."""
+        self._machine.add_listener(listener)
+
+    def cleanup(self) -> None:
+        """Release what spawning needed process-wide (Tornado's SIGCHLD handling); call once
+        the event loop that ran the child is done with it."""
+        self._control.cleanup()
+
     def report_upstream_failure(self, reason: str) -> None:
         """The proxy saw a refused/reset connection: check health now rather than at the next
         tick. Never changes the state by itself."""
-        log.debug("upstream failure reported: %s", reason)
+        self._log.debug("upstream failure reported: %s", reason)
         if self._monitor.running:
             asyncio.ensure_future(self._monitor.check_now())
 
@@ -205,7 +219,7 @@ class PythonBridge:
         if self.pid is not None:
             # failed after a health timeout, but the child still runs and is being watched:
             # a second one would fight it for the port and orphan it (stop() reaches only one)
-            log.warning("The Flask server (pid %d) is still running and its health is being "
+            self._log.warning("The Flask server (pid %d) is still running and its health is being "
                         "checked; not starting another. Call stop() first to restart it.",
                         self.pid)
             return self.is_flask_ready()
@@ -283,7 +297,7 @@ class PythonBridge:
             return False
         self._handle = handle
         self.started_at = launched
-        log.info("Started the Flask server (pid %d): %s", handle.pid, " ".join(argv))
+        self._log.info("Started the Flask server (pid %d): %s", handle.pid, " ".join(argv))
         self._pumps = [
             LogPump(pipe, name, self._pump_sink, tail=self._stderr_tail if name == "stderr"
                     else None).start()
@@ -299,7 +313,7 @@ class PythonBridge:
         if result is not None:
             self.ready_after_ms = round((self._clock() - launched) * 1000.0, 1)
             self._machine.move(S.READY, "health check passed")
-            log.info("Flask server ready at %s (pid %d, %.0f ms after launch)",
+            self._log.info("Flask server ready at %s (pid %d, %.0f ms after launch)",
                      self.flask_url, handle.pid, self.ready_after_ms)
         else:
             detail = self.last_health.detail if self.last_health else "no answer"
@@ -315,7 +329,7 @@ class PythonBridge:
         cfg = self.config
         self._machine.move(S.STARTING, "external server at %s" % cfg.url)
         self.started_at = self._clock()
-        log.info("Using the external Flask server at %s (nothing is spawned)", cfg.url)
+        self._log.info("Using the external Flask server at %s (nothing is spawned)", cfg.url)
         result = await wait_until_healthy(
             self._checker.check, cfg.health_interval / 1000.0, cfg.health_retries,
             cfg.health_timeout / 1000.0, alive=lambda: self.state is S.STARTING,
@@ -325,7 +339,7 @@ class PythonBridge:
         if result is not None:
             self.ready_after_ms = round((self._clock() - self.started_at) * 1000.0, 1)
             self._machine.move(S.READY, "health check passed")
-            log.info("External Flask server ready at %s", cfg.url)
+            self._log.info("External Flask server ready at %s", cfg.url)
         else:
             self._fail("The external Flask server at %s did not answer its health check "
                        "(last: %s)." % (cfg.url, self.last_health.detail if self.last_health
@@ -338,7 +352,7 @@ class PythonBridge:
     def _fail(self, message: str, suggestion: str) -> None:
         self.last_error = {"message": message, "suggestion": suggestion, "at": utc_timestamp()}
         self._machine.move(S.FAILED, message)
-        log.warning("%s %s The gateway keeps serving; /api/deepfake requests get 503.",
+        self._log.warning("%s %s The gateway keeps serving; /api/deepfake requests get 503.",
                     message, suggestion)
 
     def _pump_sink(self, line: LogLine) -> None:
@@ -361,16 +375,16 @@ class PythonBridge:
             if state in (S.UNHEALTHY, S.FAILED):
                 self._machine.move(S.READY, "health check passed again")
                 if state is S.UNHEALTHY:
-                    log.warning("Flask server recovered: health check passed again.")
+                    self._log.warning("Flask server recovered: health check passed again.")
                 else:
-                    log.warning("Flask server became healthy after its startup wait; it is "
+                    self._log.warning("Flask server became healthy after its startup wait; it is "
                                 "now ready.")
             return
         if state is S.READY:
             self._failures += 1
             if self._failures >= self.config.unhealthy_after:
                 self._machine.move(S.UNHEALTHY, result.detail)
-                log.warning("Flask server failed %d health checks in a row (%s); marked "
+                self._log.warning("Flask server failed %d health checks in a row (%s); marked "
                             "unhealthy. Requests get 503 until it recovers.",
                             self._failures, result.detail)
 
@@ -384,11 +398,11 @@ class PythonBridge:
         done = kill_leftovers(handle) if handle is not None and kill_leftovers else ""
         if done:
             # e.g. the reloader died and its grandchild still holds the port: an orphan
-            log.log(logging.INFO if self.state in (S.STOPPING, S.STOPPED) else logging.WARNING,
+            self._log.log(logging.INFO if self.state in (S.STOPPING, S.STOPPED) else logging.WARNING,
                     "Flask server (pid %d) exited but left processes running; killed them: %s",
                     handle.pid, done)
         if self.state in (S.STOPPING, S.STOPPED):
-            log.info("Flask server (pid %s) exited: %s", handle.pid if handle else "?",
+            self._log.info("Flask server (pid %s) exited: %s", handle.pid if handle else "?",
                      "signal %s" % sig if sig else "code %s" % code)
             return
         self._monitor.stop()
@@ -405,13 +419,13 @@ class PythonBridge:
             self.last_exit["stderr_tail"] = tail
         how = "was killed by signal %s" % sig if sig else "exited with code %s" % code
         lines = "\n".join("    " + t for t in tail) or "    (no stderr output)"
-        log.error("Flask server %s. Last stderr lines:\n%s\n%s /api/deepfake requests get 503 "
+        self._log.error("Flask server %s. Last stderr lines:\n%s\n%s /api/deepfake requests get 503 "
                   "until it is restarted.", how, lines,
                   TROUBLESHOOTING.format(script=self.config.script, port=self.config.port))
         if self.restarts < self.config.auto_restart and self.state is S.EXITED:
             self.restarts += 1
             delay = min(30.0, 0.5 * 2 ** (self.restarts - 1))
-            log.warning("Restarting the Flask server in %.1f s (restart %d of %d, "
+            self._log.warning("Restarting the Flask server in %.1f s (restart %d of %d, "
                         "FLASK_AUTO_RESTART).", delay, self.restarts, self.config.auto_restart)
             await asyncio.sleep(delay)
             if self.state is S.EXITED:
@@ -437,7 +451,7 @@ class PythonBridge:
         handle = self._handle
         if handle is not None and handle.running:
             descendants = child_mod.snapshot_descendants(handle.pid)
-            log.warning("Killing the Flask server now: %s",
+            self._log.warning("Killing the Flask server now: %s",
                         self._control.kill_tree(handle, descendants))
         await self.stop()
 
@@ -449,17 +463,17 @@ class PythonBridge:
         handle = self._handle
         if handle is not None and handle.running:
             descendants = child_mod.snapshot_descendants(handle.pid)
-            log.info("Stopping the Flask server (pid %d): %s", handle.pid,
+            self._log.info("Stopping the Flask server (pid %d): %s", handle.pid,
                      self._control.request_stop(handle))
             if not await handle.wait(timeout):
-                log.warning("Flask server did not exit within %g s; killing its process tree: "
+                self._log.warning("Flask server did not exit within %g s; killing its process tree: "
                             "%s", timeout, self._control.kill_tree(handle, descendants))
                 if not await handle.wait(5.0):
-                    log.error("Flask server (pid %d) is still running after SIGKILL.",
+                    self._log.error("Flask server (pid %d) is still running after SIGKILL.",
                               handle.pid)
             leftovers = [p for p in descendants if _alive(p)]
             if leftovers:
-                log.warning("Killing %d process(es) the Flask server left behind: %s",
+                self._log.warning("Killing %d process(es) the Flask server left behind: %s",
                             len(leftovers), ", ".join(str(p.pid) for p in leftovers))
                 child_mod.kill_processes(leftovers)
         loop = asyncio.get_running_loop()
@@ -468,12 +482,19 @@ class PythonBridge:
         self._checker.close()
         if self.state is not S.STOPPED:
             self._machine.move(S.STOPPED, "stopped")
-        log.info("Flask server stopped.")
+        self._log.info("Flask server stopped.")
 
     # --- logging ---------------------------------------------------------------------------
 
     def _log_transition(self, old: BridgeState, new: BridgeState, reason: str) -> None:
-        log.debug("state %s -> %s (%s)", old, new, reason)
+        self._log.debug("state %s -> %s (%s)", old, new, reason)
+
+
+class _NamedLog(logging.LoggerAdapter):
+    """The bridge's logger, each message prefixed with the worker's name."""
+
+    def process(self, msg: Any, kwargs: Any) -> Any:
+        return "[%s] %s" % (self.extra, msg), kwargs
 
 
 def _alive(proc: Any) -> bool:

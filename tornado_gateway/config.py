@@ -6,6 +6,7 @@ default it used instead, and carries on (design property 8).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -14,7 +15,7 @@ import re
 import sys
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 log = logging.getLogger("tornado_gateway.config")
 
@@ -38,6 +39,19 @@ class FlaskConfig:
     url: Optional[str] = None  # external Flask: spawn nothing, proxy here
     auto_restart: int = 0  # how many times an exited child is restarted; 0 = never
     mode: str = DEVELOPMENT
+    workers: Optional[int] = None  # worker processes; None: 1 in development, CPUs in production
+    urls: Tuple[str, ...] = ()  # every external server when FLASK_URL lists several
+
+    @property
+    def worker_count(self) -> int:
+        """How many workers the group runs: one per external URL; else ``workers``, or by
+        default 1 in development (one debug server to read) and one per CPU in production
+        (analyze is CPU-bound: one process per core is what uses the machine)."""
+        if self.url:
+            return max(1, len(self.urls))
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.is_development else max(1, os.cpu_count() or 1)
 
     @property
     def is_development(self) -> bool:
@@ -68,6 +82,12 @@ class GatewayConfig:
     upstream: str = "keepalive"  # HTTP client to the child: "keepalive" pool or "simple"
     idle_timeout: int = 60000  # idle keep-alive connection, and the whole request head, ms
     body_timeout: int = 60000  # a request body that stalls this long is refused, ms
+    # Dispatch to the workers. In flight per worker: 2 keeps a CPU-bound worker busy (one
+    # request computing while the next one's upload arrives) without making requests fight
+    # for the same core; measured on analyze (README, "Workers and the queue").
+    worker_limit: int = 2
+    queue_limit: int = 256  # requests waiting for a worker; beyond it: 503 overloaded at once
+    queue_timeout: int = 30000  # longest wait for a worker, ms; then 503 overloaded
     mode: str = DEVELOPMENT
     flask: FlaskConfig = field(default_factory=FlaskConfig)
 
@@ -176,6 +196,25 @@ def _url(raw: str) -> str:
     return value.rstrip("/")
 
 
+def _urls(raw: str) -> Tuple[str, ...]:
+    urls = tuple(_url(part) for part in raw.split(",") if part.strip())
+    if not urls:
+        raise ValueError("must be an http:// URL such as http://127.0.0.1:5001")
+    if len(set(urls)) != len(urls):
+        raise ValueError("lists the same URL twice")
+    return urls
+
+
+MAX_WORKERS = 64
+
+
+def _workers(raw: str) -> int:
+    value = _positive_int(raw)
+    if value > MAX_WORKERS:
+        raise ValueError("must be at most %d" % MAX_WORKERS)
+    return value
+
+
 def _upstream(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("keepalive", "simple"):
@@ -201,6 +240,10 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "upstream": ("GATEWAY_UPSTREAM", "--upstream", _upstream, "gateway"),
     "idle_timeout": ("GATEWAY_IDLE_TIMEOUT", "--idle-timeout", _positive_ms, "gateway"),
     "body_timeout": ("GATEWAY_BODY_TIMEOUT", "--body-timeout", _positive_ms, "gateway"),
+    "worker_limit": ("GATEWAY_WORKER_LIMIT", "--worker-limit", _positive_int, "gateway"),
+    "queue_limit": ("GATEWAY_QUEUE_LIMIT", "--queue-limit", _non_negative_int, "gateway"),
+    "queue_timeout": ("GATEWAY_QUEUE_TIMEOUT", "--queue-timeout", _positive_ms, "gateway"),
+    "workers": ("FLASK_WORKERS", "--workers", _workers, "flask"),
     "script": ("FLASK_SCRIPT", "--flask-script", _text, "flask"),
     "flask_host": ("FLASK_HOST", "--flask-host", _host, "flask"),
     "flask_port": ("FLASK_PORT", "--flask-port", _port, "flask"),
@@ -210,14 +253,23 @@ SETTINGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
     "unhealthy_after": ("FLASK_UNHEALTHY_AFTER", "--unhealthy-after", _positive_int, "flask"),
     "shutdown_timeout": ("FLASK_SHUTDOWN_TIMEOUT", "--shutdown-timeout", _positive_ms, "flask"),
     "python": ("FLASK_PYTHON", "--python", _text, "flask"),
-    "url": ("FLASK_URL", "--flask-url", _url, "flask"),
+    "url": ("FLASK_URL", "--flask-url", _urls, "flask"),
     "auto_restart": ("FLASK_AUTO_RESTART", "--auto-restart", _non_negative_int, "flask"),
 }
 
 _FLASK_FIELD = {"flask_host": "host", "flask_port": "port"}
 
 
+class _Described(str):
+    """A default that depends on other settings, shown as words in a warning."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def _default(name: str) -> Any:
+    if name == "workers":
+        return _Described("(1 in development, one per CPU in production)")
     where = SETTINGS[name][3]
     if where == "gateway":
         return getattr(GatewayConfig(), name)
@@ -261,12 +313,36 @@ def load_config(
 
     flask_kwargs = {_FLASK_FIELD.get(k, k): v for k, v in values.items() if SETTINGS[k][3] == "flask"}
     gateway_kwargs = {k: v for k, v in values.items() if SETTINGS[k][3] == "gateway"}
+    urls = flask_kwargs.pop("url", ())
+    if urls:
+        flask_kwargs.update(url=urls[0], urls=urls)
     flask = FlaskConfig(mode=mode, **flask_kwargs)
     if flask.url:
         parts = urllib.parse.urlsplit(flask.url)
-        flask = FlaskConfig(**{**flask.__dict__, "host": parts.hostname or flask.host,
+        flask = FlaskConfig(**{**_fields(flask), "host": parts.hostname or flask.host,
                                "port": parts.port or 80})
+    elif flask.port + flask.worker_count - 1 > 65535:
+        warn("FLASK_PORT=%d leaves no room for %d workers (ports %d and up); using %d worker%s."
+             % (flask.port, flask.worker_count, flask.port, 65536 - flask.port,
+                "" if flask.port == 65535 else "s"))
+        flask = FlaskConfig(**{**_fields(flask), "workers": 65536 - flask.port})
     return GatewayConfig(mode=mode, flask=flask, **gateway_kwargs)
+
+
+def _fields(config: Any) -> dict:
+    # a frozen dataclass's fields, without what cached_property stored beside them
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def worker_config(config: FlaskConfig, index: int) -> FlaskConfig:
+    """The settings of worker ``index`` (0-based) of the group: its own port (``port +
+    index``), or its own URL of ``urls`` for external servers."""
+    if config.url:
+        url = config.urls[index] if config.urls else config.url
+        parts = urllib.parse.urlsplit(url)
+        return dataclasses.replace(config, url=url, urls=(url,),
+                                   host=parts.hostname or config.host, port=parts.port or 80)
+    return dataclasses.replace(config, port=config.port + index, workers=1)
 
 
 def default_python() -> str:

@@ -78,6 +78,19 @@ def service_unavailable(state: str, detail: str = "", retry_after: Optional[int]
     )
 
 
+def overloaded(why: str, retry_after: int = 1) -> GatewayError:
+    """503 for a request the workers have no room for: the queue is full, or it waited its
+    longest. Answered at once, so latency never piles up behind a full queue."""
+    return GatewayError(
+        503,
+        "overloaded",
+        "The deepfake detection service is busy: %s." % why,
+        "Retry after the time in Retry-After (spread retries out); for more capacity raise "
+        "FLASK_WORKERS, or GATEWAY_QUEUE_LIMIT / GATEWAY_QUEUE_TIMEOUT to wait longer.",
+        retry_after,
+    )
+
+
 def bad_gateway(detail: str) -> GatewayError:
     return GatewayError(
         502,

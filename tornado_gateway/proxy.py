@@ -432,6 +432,12 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         self._upstream_length_known = False
         self._down_length: Optional[int] = None  # the response's Content-Length
         self._stall_timer: Optional[object] = None  # the client stopped sending its body
+        # Dispatch (a WorkerGroup bridge): the worker this request holds a place on, until
+        # its exchange is over; a plain bridge has one URL and no places to hold.
+        self._worker: Any = bridge
+        self._slot: Optional[int] = None
+        self._upstream_base: Optional[str] = None
+        self._waiting: Optional[asyncio.Future] = None  # the wait for a worker, cancellable
 
     # Nonstandard methods: Tornado dispatches to getattr(self, method.lower()).
     def __getattr__(self, name: str) -> Any:
@@ -506,15 +512,78 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             return None
         request.connection.set_max_body_size(self.config.max_body + BODY_LIMIT_SLACK)
         if self.bridge.is_flask_ready():
-            self._open_exchange(length)
-            return None
+            if self._claim_worker():
+                self._open_exchange(length)
+                return None
+            return self._open_exchange_when_dispatched(length)
         return self._open_exchange_when_usable(length)
 
     async def _open_exchange_when_usable(self, length: Optional[int]) -> None:
         # Waiting here, before prepare() is over, means Tornado reads none of the body yet:
         # the upload stays in the client's socket (nothing buffered) while the child starts.
         if await self._usable():
-            self._open_exchange(length)
+            if self._claim_worker():
+                self._open_exchange(length)
+            else:
+                await self._open_exchange_when_dispatched(length)
+
+    def _claim_worker(self) -> bool:
+        """Take a place on a worker now: True, or False when the request must queue. A
+        bridge without dispatch (a single PythonBridge) has its one URL."""
+        try_acquire = getattr(self.bridge, "try_acquire", None)
+        if try_acquire is None:
+            self._upstream_base = self.bridge.flask_url
+            return True
+        index = try_acquire()
+        if index is None:
+            return False
+        self._hold(index)
+        return True
+
+    def _hold(self, index: int) -> None:
+        self._slot = index
+        self._worker = worker = self.bridge.worker(index)
+        self._upstream_base = worker.flask_url
+
+    async def _open_exchange_when_dispatched(self, length: Optional[int]) -> None:
+        # Queued in the gateway (every ready worker is at its limit). As above, nothing of the
+        # body is read while waiting: back-pressure reaches the client, memory stays bounded.
+        from .group import NoWorker, Overloaded, QueueTimeout
+
+        self._waiting = waiting = asyncio.ensure_future(self.bridge.acquire())
+        try:
+            index = await waiting
+        except asyncio.CancelledError:
+            if self._client_gone:
+                return  # on_connection_close() gave up the place
+            raise
+        except Overloaded as exc:
+            self._refuse(errors.overloaded("%d requests are already waiting for a worker "
+                                           "(GATEWAY_QUEUE_LIMIT=%d)" % (exc.queued,
+                                                                         exc.queue_limit)))
+            return
+        except QueueTimeout:
+            self._refuse(errors.overloaded("no worker was free within %g s "
+                                           "(GATEWAY_QUEUE_TIMEOUT)"
+                                           % self.bridge.queue_timeout_s))
+            return
+        except NoWorker:
+            self._refuse(errors.service_unavailable(str(self.bridge.state)))
+            return
+        finally:
+            self._waiting = None
+        if self._client_gone:
+            self.bridge.release(index)
+            return
+        self._hold(index)
+        self._open_exchange(length)
+
+    def _release_worker(self) -> None:
+        """The exchange is over (or never started): give the worker's place back, once."""
+        index = self._slot
+        if index is not None:
+            self._slot = None
+            self.bridge.release(index)
 
     def _open_exchange(self, length: Optional[int]) -> None:
         """Start the upstream exchange (the child is ready)."""
@@ -592,6 +661,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
 
     def on_finish(self) -> None:
         self._disarm_stall_timer()
+        if self._slot is not None:
+            self._release_worker()
 
     def on_connection_close(self) -> None:
         super().on_connection_close()
@@ -599,7 +670,13 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         if self._finished:
             return
         self._client_gone = True
+        waiting = self._waiting
+        if waiting is not None and not waiting.done():
+            waiting.cancel()  # gives up its place in the queue
         self._abort_exchange("client went away")
+        # The aborted exchange closes its upstream connection at once: the place is free
+        # (the worker may still finish computing an answer nobody reads).
+        self._release_worker()
 
     # -- the upstream exchange -------------------------------------------------------------
 
@@ -718,7 +795,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             headers["Content-Length"] = "0"  # else Tornado would announce a chunked body
         client = AsyncHTTPClient()  # one look-up of the per-loop instance, not two
         upstream = _UpstreamRequest(
-            self.bridge.flask_url + request.uri,
+            (self._upstream_base or self.bridge.flask_url) + request.uri,
             method=method,
             headers=headers,
             body_producer=self._produce if self._has_body else self._cancel_hook(client),
@@ -752,6 +829,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             failure = exc
         finally:
             self._stop_upload()
+            if self._slot is not None:
+                self._release_worker()
         # 599 is also a status a child may really send: only an error the client made up
         # (not built from the child's response) is a failure
         if (response is not None and response.code == 599 and response.error is not None
@@ -800,7 +879,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             return
         detail = _describe(failure)
         try:
-            self.bridge.report_upstream_failure(detail)
+            self._worker.report_upstream_failure(detail)
         except Exception:  # the bridge's problem must not turn a 502 into a 500
             log.exception("report_upstream_failure failed")
         self._refuse(errors.bad_gateway(detail))

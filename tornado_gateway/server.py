@@ -18,7 +18,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.netutil import bind_sockets
 
 from .app import make_app
-from .bridge import PythonBridge
+from .group import WorkerGroup
 from .config import GatewayConfig, PRODUCTION
 from .h1server import GatewayHTTPServer
 from .proxy import configure_http_client
@@ -136,7 +136,7 @@ def configure_logging(mode: str, stream: Any = None) -> None:
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
-async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
+async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
                 install_signals: bool = True,
                 stop_event: Optional[asyncio.Event] = None,
                 on_listening: Optional[Callable[[int], None]] = None) -> int:
@@ -144,10 +144,12 @@ async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
 
     Listens first, then starts the bridge, so the status endpoint and the web page answer at
     once and deepfake requests wait (bounded) while the child starts. Returns 1 without
-    starting the child when the gateway's own port cannot be bound.
+    starting the child when the gateway's own port cannot be bound. ``bridge`` defaults to
+    the :class:`WorkerGroup` that ``config`` describes (``FLASK_WORKERS`` workers); a
+    :class:`PythonBridge` of your own serves as a single child without dispatch.
     """
     loop = asyncio.get_running_loop()
-    bridge = bridge or PythonBridge(config.flask)
+    bridge = bridge or WorkerGroup.from_config(config)
     stop_event = stop_event or asyncio.Event()
     configure_upstream_client(config)
     app = make_app(bridge, config)
@@ -205,7 +207,7 @@ async def serve(config: GatewayConfig, *, bridge: Optional[PythonBridge] = None,
         if bridge.state.value not in ("stopped",):
             await bridge.stop()
         catcher.restore()
-        bridge._control.cleanup()
+        bridge.cleanup()
     log.info("Gateway stopped.")
     return 0
 

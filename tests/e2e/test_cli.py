@@ -379,7 +379,12 @@ def test_cli_production_mode_is_quiet_but_shows_the_child(gateway):
     gw.send(signal.SIGINT)
     assert gw.wait(3.0) == 0, gw.output()
     out = gw.output()
-    assert "[Python] healthy: listening on" in out
+    # production runs a worker per CPU; each child line says which worker printed it
+    workers = len(status["service"]["workers"])
+    assert workers == (os.cpu_count() or 1)
+    for n in range(1, workers + 1):
+        label = "[worker %d] " % n if workers > 1 else ""
+        assert "[Python] %shealthy: listening on" % label in out
     assert " INFO " not in out.replace("INFO    [Python]", "")  # only the child's lines
     assert "Flask server ready" not in out
 

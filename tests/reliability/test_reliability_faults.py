@@ -168,12 +168,15 @@ def test_child_frozen_then_resumed(gateways):
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.parametrize("args,processes", [
-    ([], 1),
-    (["--mode", "production"], 1),
-    (["--flask-script", os.path.join(SCRIPTS, "reloading_service.py")], 2),
-], ids=["service", "service-production", "service-under-reloader"])
-def test_gateway_sigkilled_child_and_grandchild_exit_and_free_the_port(gateways, args, processes):
+@pytest.mark.parametrize("args,processes,ports", [
+    ([], 1, 1),
+    (["--mode", "production", "--workers", "1"], 1, 1),
+    (["--mode", "production", "--workers", "2"], 2, 2),
+    (["--flask-script", os.path.join(SCRIPTS, "reloading_service.py")], 2, 1),
+], ids=["service", "service-production", "service-production-2-workers",
+        "service-under-reloader"])
+def test_gateway_sigkilled_child_and_grandchild_exit_and_free_the_port(gateways, args, processes,
+                                                                       ports):
     gw = gateways(args, timeout=30)
     tree = gw.track()
     assert len(tree) == processes, tree
@@ -183,7 +186,8 @@ def test_gateway_sigkilled_child_and_grandchild_exit_and_free_the_port(gateways,
     started = time.monotonic()
     wait_until(lambda: not any(alive(pid, c) for pid, c in created.items()), 5,
                "the orphaned service processes to exit by themselves")
-    wait_until(lambda: port_is_free(gw.flask_port), 5, "the child's port to be free")
+    wait_until(lambda: all(port_is_free(gw.flask_port + i) for i in range(ports)), 5,
+               "the workers' ports to be free")
     assert time.monotonic() - started < 5
 
 
