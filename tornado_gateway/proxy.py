@@ -22,6 +22,11 @@ What the handler promises (the "Proxy contract" in ARCHITECTURE.md):
   are kept, and none is invented (Tornado's clients would add a form Content-Type to a POST).
 * The bridge's state gates every request: ready -> proxied; starting/unhealthy -> a bounded
   wait for readiness; anything else -> JSON 503 without touching the network.
+* With a :class:`~tornado_gateway.group.WorkerGroup` as the bridge, a request first takes a
+  place on a worker (the least busy ready one, under its in-flight limit) and otherwise waits
+  for one in the group's queue before ``prepare()`` returns, so none of its body is read while
+  it waits; a full queue or a wait past the queue timeout is a JSON 503 ``overloaded``. The
+  place is given back exactly once, when the exchange is over or the client has gone.
 * Errors the gateway makes itself are JSON (``errors.py``): 400, 404, 408, 413, 501, 502, 503,
   504. Ambiguous body framing (Content-Length with Transfer-Encoding, conflicting lengths)
   is refused (400) before the child is contacted; a body that stalls for ``body_timeout``

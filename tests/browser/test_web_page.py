@@ -514,6 +514,12 @@ def test_page_survives_odd_responses(gateway: Gateway, browser: Any, images: Dic
     answers["status"] = (200, {"service": {"state": "ready", "ready": True}})
     page.wait_for_selector("#status-badge[data-state=ready]")
     assert page.is_hidden("#unavailable")
+    # several workers, one down: still serving, and the badge says how many are
+    answers["status"] = (200, {"service": {"state": "ready", "ready": True, "workers": [
+        {"state": "ready"}, {"state": "exited"}]}})
+    page.wait_for_selector("#status-badge.badge-warn")
+    assert "1 of 2 workers" in page.inner_text("#status-badge")
+    assert page.is_hidden("#unavailable")
     errs.check()
     page.close()
 

@@ -388,7 +388,13 @@
     var ready = svc.ready === true || (svc.ready === undefined && state === "ready");
     if (ready) {
       var up = get(svc, "uptime_s");
-      setBadge("ok", "Service ready", state, isNum(up) ? "Running for " + seconds(up) : "");
+      var workers = Array.isArray(svc.workers) ? svc.workers : [];
+      var serving = workers.filter(function (w) { return w && w.state === "ready"; }).length;
+      var some = workers.length > 1 && serving < workers.length;
+      setBadge(some ? "warn" : "ok",
+               "Service ready" + (workers.length > 1 ? " (" + serving + " of " + workers.length +
+                                  " workers)" : ""),
+               state, isNum(up) ? "Running for " + seconds(up) : "");
       $("unavailable").hidden = true;
       lastUnavailable = null;
     } else {
