@@ -65,16 +65,17 @@ def test_valid_environment_values_are_used():
     ("GATEWAY_PORT", "99999", 8080, "between 0 and 65535"),
     ("GATEWAY_MAX_BODY", "lots", 1024 ** 3, "byte count"),
     ("GATEWAY_MAX_BODY", "0", 1024 ** 3, "positive"),
-    ("FLASK_URL", "ftp://x", None, "http://"),
-    ("FLASK_URL", "http://127.0.0.1:5001/api", None, "root URL"),
-    ("FLASK_URL", "http://127.0.0.1:99999", None, "invalid port"),
+    ("FLASK_URL", "ftp://x", "(none: spawn the workers)", "http://"),
+    ("FLASK_URL", "http://127.0.0.1:5001/api", "(none: spawn the workers)", "root URL"),
+    ("FLASK_URL", "http://127.0.0.1:99999", "(none: spawn the workers)", "invalid port"),
     ("FLASK_SCRIPT", "   ", "python/api_server.py", "must not be empty"),
 ])
 def test_invalid_value_warns_with_variable_value_and_default(var, bad, default, reason):
     cfg, warnings = load({var: bad})
     assert len(warnings) == 1
     w = warnings[0]
-    assert var in w and repr(bad) in w and repr(default) in w and reason in w
+    shown = default if str(default).startswith("(") else repr(default)  # words, or a value
+    assert var in w and repr(bad) in w and shown in w and reason in w
     assert cfg == GatewayConfig()  # the default is used, nothing else changes
 
 
@@ -157,9 +158,10 @@ def test_default_warn_goes_to_the_config_logger(caplog):
 
 
 def test_every_setting_has_an_env_variable_and_option():
-    for name, (var, option, parse, where) in SETTINGS.items():
-        assert var.isupper() and option.startswith("--") and callable(parse)
-        assert where in ("gateway", "flask")
+    for name, setting in SETTINGS.items():
+        assert setting.env.isupper() and setting.option.startswith("--")
+        assert callable(setting.parse) and setting.where in ("gateway", "flask")
+        assert setting.meaning and setting.metavar
 
 
 def test_default_python_is_own_interpreter():
@@ -253,3 +255,50 @@ def test_worker_config_gives_each_spawned_worker_its_port():
     f = load({"FLASK_WORKERS": "2", "FLASK_PORT": "6000"})[0].flask
     assert [worker_config(f, i).base_url for i in range(2)] == [
         "http://127.0.0.1:6000", "http://127.0.0.1:6001"]
+
+
+# --- one table: --help, the README, and refusing bad flags ----------------------------------
+
+def test_readme_configuration_table_is_the_settings_table():
+    import os
+
+    from tornado_gateway.config import settings_table
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "README.md")
+    with open(readme, encoding="utf-8") as f:
+        assert settings_table() in f.read(), (
+            "README's configuration table differs from tornado_gateway.config.SETTINGS; "
+            "paste settings_table() into it")
+
+
+def test_help_shows_meaning_default_unit_and_variable_of_every_setting(capsys):
+    from tornado_gateway.__main__ import build_parser
+    from tornado_gateway.config import describe_default
+    text = " ".join(build_parser().format_help().split())
+    for name, setting in SETTINGS.items():
+        assert setting.option in text and "[%s]" % setting.env in text
+        assert "%s (default: %s)" % (" ".join(setting.meaning.split()),
+                                     describe_default(name)) in text
+    assert "(default: 300000 ms) [GATEWAY_PROXY_TIMEOUT]" in text
+
+
+@pytest.mark.parametrize("argv,complaint", [
+    (["--port", "abc"], "argument --port: invalid value 'abc': not a number"),
+    (["--port", "70000"], "a port must be between 0 and 65535"),
+    (["--workers", "0"], "argument --workers: invalid value '0'"),
+    (["--max-body", "lots"], "must be a byte count"),
+    (["--flask-url", "ftp://x"], "must be an http:// URL"),
+    (["--mode", "prod"], "invalid choice: 'prod'"),
+])
+def test_a_bad_flag_exits_2_with_the_usage_line(argv, complaint, capsys):
+    from tornado_gateway.__main__ import main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tornado-gateway") and complaint in err, err
+
+
+def test_a_bad_environment_variable_still_only_warns():
+    cfg, warnings = load({"GATEWAY_PORT": "abc"})
+    assert cfg.port == 8080 and len(warnings) == 1

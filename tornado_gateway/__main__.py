@@ -9,21 +9,41 @@ import sys
 from typing import List, Optional
 
 from . import __version__
-from .config import SETTINGS, load_config
+from .config import SETTINGS, describe_default, load_config
+
+
+def _checked(name: str):
+    """An argparse ``type`` that refuses a bad value (exit 2 with the usage line), keeping
+    the raw text for load_config()."""
+    from .config import check_value
+
+    def check(raw: str) -> str:
+        try:
+            return check_value(name, raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError("invalid value %r: %s" % (raw, exc)) from None
+    return check
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tornado-gateway",
         description="Run the deepfake service behind one front door: a Tornado gateway that "
-                    "spawns python/api_server.py, watches it and proxies /api/deepfake/* to it.",
-        epilog="Every option also has an environment variable (shown in brackets). Times are "
-               "in milliseconds. An invalid value logs a warning and uses the default.")
-    for name, (var, option, _parse, _where) in SETTINGS.items():
-        parser.add_argument(option, dest=name, metavar="VALUE", default=None,
-                            help="[%s]" % var)
+                    "spawns python/api_server.py workers, watches them and proxies "
+                    "/api/deepfake/* to them.",
+        epilog="Every option also has an environment variable (in brackets); an option given "
+               "here wins. A bad option is an error; a bad environment variable logs a "
+               "warning and uses the default.")
+    for name, setting in SETTINGS.items():
+        parser.add_argument(setting.option, dest=name, metavar=setting.metavar, default=None,
+                            type=_checked(name),
+                            help="%s (default: %s) [%s]" % (setting.meaning,
+                                                           describe_default(name),
+                                                           setting.env))
     parser.add_argument("--mode", choices=["development", "production"], default=None,
-                        help="[GATEWAY_ENV, then NODE_ENV] default: development")
+                        help="development: Flask's debug server, verbose log; production: "
+                             "waitress, warnings only (default: development) "
+                             "[GATEWAY_ENV, then NODE_ENV]")
     parser.add_argument("--production", dest="mode", action="store_const", const="production",
                         help="same as --mode production")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)

@@ -15,7 +15,7 @@ import re
 import sys
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 log = logging.getLogger("tornado_gateway.config")
 
@@ -229,33 +229,90 @@ def _text(raw: str) -> str:
     return value
 
 
-# setting name -> (env variable, CLI option, parser, where it lives)
-SETTINGS: dict[str, tuple[str, str, Callable[[str], Any], str]] = {
-    "host": ("GATEWAY_HOST", "--host", _host, "gateway"),
-    "port": ("GATEWAY_PORT", "--port", _gateway_port, "gateway"),
-    "max_body": ("GATEWAY_MAX_BODY", "--max-body", _size, "gateway"),
-    "proxy_timeout": ("GATEWAY_PROXY_TIMEOUT", "--proxy-timeout", _positive_ms, "gateway"),
-    "connect_timeout": ("GATEWAY_CONNECT_TIMEOUT", "--connect-timeout", _positive_ms, "gateway"),
-    "ready_wait": ("GATEWAY_READY_WAIT", "--ready-wait", _non_negative_ms, "gateway"),
-    "upstream": ("GATEWAY_UPSTREAM", "--upstream", _upstream, "gateway"),
-    "idle_timeout": ("GATEWAY_IDLE_TIMEOUT", "--idle-timeout", _positive_ms, "gateway"),
-    "body_timeout": ("GATEWAY_BODY_TIMEOUT", "--body-timeout", _positive_ms, "gateway"),
-    "worker_limit": ("GATEWAY_WORKER_LIMIT", "--worker-limit", _positive_int, "gateway"),
-    "queue_limit": ("GATEWAY_QUEUE_LIMIT", "--queue-limit", _non_negative_int, "gateway"),
-    "queue_timeout": ("GATEWAY_QUEUE_TIMEOUT", "--queue-timeout", _positive_ms, "gateway"),
-    "workers": ("FLASK_WORKERS", "--workers", _workers, "flask"),
-    "script": ("FLASK_SCRIPT", "--flask-script", _text, "flask"),
-    "flask_host": ("FLASK_HOST", "--flask-host", _host, "flask"),
-    "flask_port": ("FLASK_PORT", "--flask-port", _port, "flask"),
-    "health_timeout": ("FLASK_HEALTH_TIMEOUT", "--health-timeout", _positive_ms, "flask"),
-    "health_interval": ("FLASK_HEALTH_INTERVAL", "--health-interval", _positive_ms, "flask"),
-    "health_retries": ("FLASK_HEALTH_RETRIES", "--health-retries", _positive_int, "flask"),
-    "unhealthy_after": ("FLASK_UNHEALTHY_AFTER", "--unhealthy-after", _positive_int, "flask"),
-    "shutdown_timeout": ("FLASK_SHUTDOWN_TIMEOUT", "--shutdown-timeout", _positive_ms, "flask"),
-    "python": ("FLASK_PYTHON", "--python", _text, "flask"),
-    "url": ("FLASK_URL", "--flask-url", _urls, "flask"),
-    "auto_restart": ("FLASK_AUTO_RESTART", "--auto-restart", _non_negative_int, "flask"),
+class Setting(NamedTuple):
+    """One row of the settings table: the only place that names a setting's variable, flag,
+    parser, meaning and unit (``--help`` and the README's table are read from it)."""
+
+    env: str
+    option: str
+    parse: Callable[[str], Any]
+    where: str  # "gateway" or "flask": which dataclass holds it
+    meaning: str
+    unit: str = ""  # "ms", "bytes"... shown after the default
+    metavar: str = "VALUE"
+
+
+SETTINGS: Dict[str, Setting] = {
+    "host": Setting("GATEWAY_HOST", "--host", _host, "gateway",
+                    "address the gateway listens on", metavar="ADDR"),
+    "port": Setting("GATEWAY_PORT", "--port", _gateway_port, "gateway",
+                    "port the gateway listens on (0: any free port)", metavar="PORT"),
+    "max_body": Setting("GATEWAY_MAX_BODY", "--max-body", _size, "gateway",
+                        "largest request body proxied (512M, 4G... accepted)", "bytes",
+                        metavar="SIZE"),
+    "proxy_timeout": Setting("GATEWAY_PROXY_TIMEOUT", "--proxy-timeout", _positive_ms,
+                             "gateway", "longest whole proxied exchange", "ms", metavar="MS"),
+    "connect_timeout": Setting("GATEWAY_CONNECT_TIMEOUT", "--connect-timeout", _positive_ms,
+                               "gateway", "connect timeout to a worker", "ms", metavar="MS"),
+    "ready_wait": Setting("GATEWAY_READY_WAIT", "--ready-wait", _non_negative_ms, "gateway",
+                          "how long a request waits for a starting service", "ms",
+                          metavar="MS"),
+    "upstream": Setting("GATEWAY_UPSTREAM", "--upstream", _upstream, "gateway",
+                        "HTTP client to the workers: keepalive (a connection pool) or simple "
+                        "(a connection per request)", metavar="CLIENT"),
+    "idle_timeout": Setting("GATEWAY_IDLE_TIMEOUT", "--idle-timeout", _positive_ms, "gateway",
+                            "idle keep-alive connection, and a whole request head", "ms",
+                            metavar="MS"),
+    "body_timeout": Setting("GATEWAY_BODY_TIMEOUT", "--body-timeout", _positive_ms, "gateway",
+                            "a request body that sends nothing this long is refused (408)",
+                            "ms", metavar="MS"),
+    "worker_limit": Setting("GATEWAY_WORKER_LIMIT", "--worker-limit", _positive_int,
+                            "gateway", "requests in flight per worker; more wait in the queue",
+                            metavar="N"),
+    "queue_limit": Setting("GATEWAY_QUEUE_LIMIT", "--queue-limit", _non_negative_int,
+                           "gateway", "requests waiting for a worker; beyond: 503 overloaded",
+                           metavar="N"),
+    "queue_timeout": Setting("GATEWAY_QUEUE_TIMEOUT", "--queue-timeout", _positive_ms,
+                             "gateway", "longest wait for a worker; then 503 overloaded", "ms",
+                             metavar="MS"),
+    "workers": Setting("FLASK_WORKERS", "--workers", _workers, "flask",
+                       "worker processes, on ports FLASK_PORT, FLASK_PORT+1...", metavar="N"),
+    "script": Setting("FLASK_SCRIPT", "--flask-script", _text, "flask",
+                      "the service's entry script", metavar="PATH"),
+    "flask_host": Setting("FLASK_HOST", "--flask-host", _host, "flask",
+                          "address the workers listen on", metavar="ADDR"),
+    "flask_port": Setting("FLASK_PORT", "--flask-port", _port, "flask",
+                          "port of the first worker", metavar="PORT"),
+    "health_timeout": Setting("FLASK_HEALTH_TIMEOUT", "--health-timeout", _positive_ms,
+                              "flask", "how long a starting worker may take to be healthy",
+                              "ms", metavar="MS"),
+    "health_interval": Setting("FLASK_HEALTH_INTERVAL", "--health-interval", _positive_ms,
+                               "flask", "time between health checks", "ms", metavar="MS"),
+    "health_retries": Setting("FLASK_HEALTH_RETRIES", "--health-retries", _positive_int,
+                              "flask", "health checks while starting", metavar="N"),
+    "unhealthy_after": Setting("FLASK_UNHEALTHY_AFTER", "--unhealthy-after", _positive_int,
+                               "flask", "failed checks in a row before a worker is unhealthy",
+                               metavar="N"),
+    "shutdown_timeout": Setting("FLASK_SHUTDOWN_TIMEOUT", "--shutdown-timeout", _positive_ms,
+                                "flask", "wait after SIGTERM before killing a worker's tree",
+                                "ms", metavar="MS"),
+    "python": Setting("FLASK_PYTHON", "--python", _text, "flask",
+                      "interpreter of the workers", metavar="PATH"),
+    "url": Setting("FLASK_URL", "--flask-url", _urls, "flask",
+                   "external service URL(s), comma-separated: spawn nothing, proxy there",
+                   metavar="URL"),
+    "auto_restart": Setting("FLASK_AUTO_RESTART", "--auto-restart", _non_negative_int,
+                            "flask", "times an exited worker is restarted (0: never)",
+                            metavar="N"),
 }
+
+#: Defaults that are not one value, in words (``--help``, warnings).
+DESCRIBED_DEFAULTS = {
+    "workers": "1 in development, one per CPU in production",
+    "python": "the gateway's own interpreter, then python3 / python on PATH",
+    "url": "none: spawn the workers",
+}
+
 
 _FLASK_FIELD = {"flask_host": "host", "flask_port": "port"}
 
@@ -268,9 +325,9 @@ class _Described(str):
 
 
 def _default(name: str) -> Any:
-    if name == "workers":
-        return _Described("(1 in development, one per CPU in production)")
-    where = SETTINGS[name][3]
+    if name in DESCRIBED_DEFAULTS:
+        return _Described("(%s)" % DESCRIBED_DEFAULTS[name])
+    where = SETTINGS[name].where
     if where == "gateway":
         return getattr(GatewayConfig(), name)
     return getattr(FlaskConfig(), _FLASK_FIELD.get(name, name))
@@ -293,7 +350,7 @@ def load_config(
     warn = warn or log.warning
     values: dict[str, Any] = {}
 
-    for name, (var, option, parse, _where) in SETTINGS.items():
+    for name, (var, option, parse, *_rest) in SETTINGS.items():
         if name in given:
             raw, source = str(given[name]), option
         elif env.get(var) not in (None, ""):
@@ -303,7 +360,7 @@ def load_config(
         try:
             values[name] = parse(raw)
         except (ValueError, TypeError) as exc:
-            reason = str(exc) if not str(exc).startswith("invalid literal") else "not a number"
+            reason = _reason(exc)
             warn("Invalid %s=%r (%s); using the default %r." % (source, raw, reason, _default(name)))
 
     if "mode" in given:
@@ -311,8 +368,8 @@ def load_config(
     else:
         mode = _mode(env.get("GATEWAY_ENV") or env.get("NODE_ENV") or DEVELOPMENT)
 
-    flask_kwargs = {_FLASK_FIELD.get(k, k): v for k, v in values.items() if SETTINGS[k][3] == "flask"}
-    gateway_kwargs = {k: v for k, v in values.items() if SETTINGS[k][3] == "gateway"}
+    flask_kwargs = {_FLASK_FIELD.get(k, k): v for k, v in values.items() if SETTINGS[k].where == "flask"}
+    gateway_kwargs = {k: v for k, v in values.items() if SETTINGS[k].where == "gateway"}
     urls = flask_kwargs.pop("url", ())
     if urls:
         flask_kwargs.update(url=urls[0], urls=urls)
@@ -343,6 +400,52 @@ def worker_config(config: FlaskConfig, index: int) -> FlaskConfig:
         return dataclasses.replace(config, url=url, urls=(url,),
                                    host=parts.hostname or config.host, port=parts.port or 80)
     return dataclasses.replace(config, port=config.port + index, workers=1)
+
+
+def describe_default(name: str) -> str:
+    """A setting's default as a person reads it: ``300000 ms``, ``127.0.0.1``, or words."""
+    if name in DESCRIBED_DEFAULTS:
+        return DESCRIBED_DEFAULTS[name]
+    value = _default(name)
+    unit = SETTINGS[name].unit
+    if unit == "bytes":
+        return _human_size(value)
+    return ("%s %s" % (value, unit)).strip()
+
+
+def _human_size(value: int) -> str:
+    for unit, size in (("G", 1024 ** 3), ("M", 1024 ** 2)):
+        if value % size == 0:
+            return "%d%s" % (value // size, unit)
+    return str(value)
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (the README's, which a test keeps equal to this)."""
+    rows = ["| setting | env | flag | default |", "|---|---|---|---|"]
+    for name, setting in SETTINGS.items():
+        rows.append("| %s | `%s` | `%s` | %s |" % (setting.meaning.replace("|", "/"),
+                                                   setting.env, setting.option,
+                                                   describe_default(name)))
+    rows.append("| development or production | `GATEWAY_ENV`, then `NODE_ENV` | `--mode` / "
+                "`--production` | development |")
+    return "\n".join(rows) + "\n"
+
+
+def check_value(name: str, raw: str) -> str:
+    """Parse ``raw`` as setting ``name``; raise ValueError with a person's reason if invalid.
+    For command-line flags, which are refused (a typo on the command line is the user's to
+    fix now), unlike environment variables (warned about, default used)."""
+    try:
+        SETTINGS[name].parse(raw)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(_reason(exc)) from None
+    return raw
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return "not a number" if text.startswith("invalid literal") else text
 
 
 def default_python() -> str:

@@ -372,6 +372,11 @@ def test_cli_default_script_exits_when_the_gateway_is_sigkilled(gateway, tmp_pat
 def test_cli_production_mode_is_quiet_but_shows_the_child(gateway):
     gw = gateway("--flask-script", "tests/child_scripts/healthy.py", "--production")
     status = gw.wait_ready()
+    deadline = time.monotonic() + 20
+    while not all(w["state"] == "ready" for w in status["service"]["workers"]):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+        status = gw.status()
     assert status["gateway"]["mode"] == "production"
     child = status["service"]["pid"]
     env = psutil.Process(child).environ()
