@@ -5,6 +5,7 @@ Then: curl http://127.0.0.1:8080/hello ; curl http://127.0.0.1:8080/api/deepfake
 Settings come from the same environment variables as the gateway (GATEWAY_PORT, FLASK_PORT...).
 """
 import asyncio
+import logging
 
 import tornado.web
 
@@ -17,6 +18,9 @@ class HelloHandler(tornado.web.RequestHandler):
 
 
 async def main():
+    # The gateway logs through `logging` and leaves its setup to you: without this line you
+    # would see neither the child's [Python] lines nor the gateway's warnings.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = load_config()                    # env vars, defaults, warnings
     configure_upstream_client(config)         # the proxy's HTTP client: the keep-alive pool
     async with PythonBridge(config) as bridge:   # starts the child, stops its tree on exit

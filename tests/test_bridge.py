@@ -504,3 +504,26 @@ def test_flask_host_that_cannot_be_bound_is_not_reported_as_a_port_in_use(gw_fak
     assert "cannot listen on 192.0.2.1 port 5999" in err["message"]
     assert "already in use" not in err["message"] and "FLASK_HOST" in err["suggestion"]
     assert "cannot listen on 192.0.2.1" in logs.text(logging.WARNING)
+
+
+def test_a_sigkill_crash_names_the_likely_causes(gw_fakes):
+    """SIGKILL leaves no stderr to explain it: the report says what usually sends it."""
+    control = gw_fakes.FakeControl(stderr=b"", stdout=b"Running\n")
+    bridge = gw_fakes.make_bridge(control)
+
+    async def main():
+        with gw_fakes.capture_logs() as logs:
+            assert await bridge.start()
+            control.exit(-9)
+            await until(lambda: bridge.last_exit and "stderr_tail" in bridge.last_exit
+                        and bridge.state is S.EXITED)
+            await asyncio.sleep(0.05)
+            message = bridge.describe_state()
+            await bridge.stop()
+        return logs, message
+
+    logs, message = asyncio.run(main())
+    text = logs.text(logging.ERROR)
+    assert "was killed by signal SIGKILL" in text and "out-of-memory killer" in text
+    assert "dmesg" in text and "kill -9" in text
+    assert "out-of-memory" in message

@@ -48,6 +48,9 @@ def test_embed_example_serves_own_routes_and_the_proxy_then_stops_the_child():
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
+        output = proc.stdout.read().decode(errors="replace")
+        # the example sets up logging: its user sees the child's lines and the gateway's
+        assert "[Python] " in output and "Started the Flask server" in output, output
         deadline = time.monotonic() + 5
         while psutil.pid_exists(child_pid) and time.monotonic() < deadline:
             try:

@@ -185,3 +185,23 @@ def test_output_without_newlines_is_pumped_in_linear_time():
     assert not t.is_alive() and took < 5.0  # quadratic: ~20 s here
     assert sum(len(l.text) for l in got) == size
     assert max(len(l.text) for l in got) <= LineSplitter.MAX_LINE
+
+
+def test_colour_codes_are_kept_on_a_terminal_only_and_never_in_the_crash_tail():
+    coloured = "\x1b[31m\x1b[1mGET /x HTTP/1.1\x1b[0m 500 -"
+    line = LogLine("stderr", coloured)
+    assert format_line(line, colours=True) == PREFIX + coloured
+    assert format_line(line, colours=False) == PREFIX + "GET /x HTTP/1.1 500 -"
+    got, pump = pump_pipe([coloured.encode() + b"\n"], stream="stderr")
+    assert got == [line]  # the sink decides; the line itself is untouched
+    assert list(pump.tail) == ["GET /x HTTP/1.1 500 -"]
+
+
+def test_log_sink_strips_colours_when_the_log_is_not_a_terminal(caplog, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a TTY (redirected to a file)
+    with caplog.at_level("INFO", logger="tornado_gateway.python"):
+        log_sink(LogLine("stderr", "\x1b[33mwarning\x1b[0m"))
+    assert caplog.records[-1].getMessage() == PREFIX + "warning"

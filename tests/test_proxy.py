@@ -783,3 +783,15 @@ def test_memory_bounded_for_1gib_each_way():
     finally:
         stop_script(gateway)
         stop_script(echo)
+
+
+async def test_503_for_a_failed_start_carries_the_recorded_cause(http_server_client, bridge):
+    bridge.set_state(BridgeState.FAILED)
+    bridge.last_error = {"message": "The Flask script 'api.py' was not found.",
+                         "suggestion": "Set FLASK_SCRIPT to the path of api_server.py.",
+                         "at": "2026-01-01T00:00:00.000Z"}
+    response = await fetch(http_server_client, "/api/deepfake/stats")
+    assert response.code == 503
+    body = json.loads(response.body)
+    assert "The Flask script 'api.py' was not found." in body["message"]
+    assert body["suggestion"] == "Set FLASK_SCRIPT to the path of api_server.py."

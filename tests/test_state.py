@@ -217,3 +217,25 @@ def test_write_error_response(state, retry):
     assert h.headers["Cache-Control"] == "no-store"
     assert h.headers.get("Retry-After") == retry
     assert set(json.loads(h.body)) == KEYS
+
+
+def test_the_503_explains_a_failed_start_by_its_recorded_cause():
+    cause = {"message": "Port 5001 on 127.0.0.1 is already in use, so the Flask server cannot "
+                        "bind it.", "suggestion": "Stop the other process using port 5001 or "
+                        "set FLASK_PORT / --flask-port to a free port.", "at": "x"}
+    err = errors.service_unavailable("failed", last_error=cause)
+    assert cause["message"] in err.message and err.suggestion == cause["suggestion"]
+    assert "[Python]" not in err.suggestion  # the child never ran: there are no such lines
+
+
+def test_the_503_explains_an_exit_and_a_sigkill():
+    err = errors.service_unavailable("exited", last_exit={"code": 3, "signal": None})
+    assert "exited with code 3" in err.message
+    killed = errors.service_unavailable("exited", last_exit={"code": None, "signal": "SIGKILL"})
+    assert "killed by signal SIGKILL" in killed.message and "dmesg" in killed.suggestion
+
+
+@pytest.mark.parametrize("state", [s for s in S if s is not S.READY])
+def test_no_503_tells_an_embedding_program_to_run_the_command_line(state):
+    err = errors.service_unavailable(state.value)
+    assert "python -m tornado_gateway" not in err.message + err.suggestion

@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import child as child_mod
+from . import errors
 from .child import ChildHandle, ProcessControl
 from .config import FlaskConfig, GatewayConfig
 from .errors import utc_timestamp
@@ -198,8 +199,10 @@ class PythonBridge:
             code = self.last_exit or {}
             how = ("signal %s" % code.get("signal")) if code.get("signal") else (
                 "exit code %s" % code.get("code"))
-            return ("The deepfake service exited (%s). Check the gateway log lines prefixed "
-                    "[Python], fix the cause and restart the gateway." % how)
+            why = (" " + errors.killed_by_sigkill_advice()) if code.get("signal") == "SIGKILL" \
+                else ""
+            return ("The deepfake service exited (%s).%s Check the gateway log lines prefixed "
+                    "[Python], fix the cause and restart the gateway." % (how, why))
         if s is S.IDLE:
             return "The deepfake service has not been started."
         return "The gateway is shutting the deepfake service down."
@@ -419,9 +422,11 @@ class PythonBridge:
             self.last_exit["stderr_tail"] = tail
         how = "was killed by signal %s" % sig if sig else "exited with code %s" % code
         lines = "\n".join("    " + t for t in tail) or "    (no stderr output)"
-        self._log.error("Flask server %s. Last stderr lines:\n%s\n%s /api/deepfake requests get 503 "
-                  "until it is restarted.", how, lines,
-                  TROUBLESHOOTING.format(script=self.config.script, port=self.config.port))
+        advice = TROUBLESHOOTING.format(script=self.config.script, port=self.config.port)
+        if sig == "SIGKILL":  # no stderr to explain it: say what usually sends it
+            advice = errors.killed_by_sigkill_advice() + " " + advice
+        self._log.error("Flask server %s. Last stderr lines:\n%s\n%s /api/deepfake requests "
+                        "get 503 until it is restarted.", how, lines, advice)
         if self.restarts < self.config.auto_restart and self.state is S.EXITED:
             self.restarts += 1
             delay = min(30.0, 0.5 * 2 ** (self.restarts - 1))

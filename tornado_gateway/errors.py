@@ -53,27 +53,50 @@ def write_error_response(handler: Any, err: GatewayError) -> None:
 
 # The catalogue. Functions, not constants, so messages can name the port, the limit, the state.
 
-def service_unavailable(state: str, detail: str = "", retry_after: Optional[int] = 5) -> GatewayError:
+def killed_by_sigkill_advice() -> str:
+    """What a SIGKILL usually means, for the crash report and the 503."""
+    return ("SIGKILL is usually the out-of-memory killer (look for 'Out of memory' in `dmesg` "
+            "or `journalctl -k`) or someone's `kill -9`.")
+
+
+def service_unavailable(state: str, detail: str = "", retry_after: Optional[int] = 5,
+                        last_error: Optional[dict] = None,
+                        last_exit: Optional[dict] = None) -> GatewayError:
+    """503 while the service cannot serve. ``last_error`` / ``last_exit`` are what the bridge
+    recorded (``status()``'s fields of the same names): a failed start or an exit is
+    explained by its actual cause, in the same words as the gateway's warning."""
     hints = {
-        "idle": "The gateway has not started the service yet; start it with PythonBridge.start().",
+        "idle": "The gateway has not started the service yet (PythonBridge.start() or "
+        "WorkerGroup.start() starts it).",
         "starting": "The service is still starting; retry in a few seconds.",
-        "failed": "The service failed to start. Read the gateway's log lines prefixed "
-        "'[Python]' for the cause, fix it, then restart: python -m tornado_gateway",
-        "exited": "The service process exited. Read the gateway's log for its exit code and last "
-        "error lines, fix the cause, then restart: python -m tornado_gateway",
+        "failed": "The service failed to start. The gateway's log says why; fix it, then "
+        "restart the gateway.",
+        "exited": "The service process exited. Read the gateway's log for its exit code and "
+        "last error lines (prefixed [Python]), fix the cause, then restart the gateway (or set "
+        "FLASK_AUTO_RESTART to restart it by itself).",
         "unhealthy": "The service stopped answering its health check; it may be overloaded or "
-        "frozen. Retry shortly; if it persists, restart: python -m tornado_gateway",
+        "frozen. Retry shortly; if it persists, restart the gateway.",
         "stopping": "The gateway is shutting down.",
-        "stopped": "The gateway has stopped the service; restart: python -m tornado_gateway",
+        "stopped": "The gateway has stopped the service; start the gateway again.",
     }
     message = "The deepfake detection service is currently unavailable (state: %s)." % state
+    suggestion = hints.get(state, "Restart the gateway.")
+    if state == "failed" and last_error:
+        message += " " + str(last_error.get("message") or "")
+        suggestion = str(last_error.get("suggestion") or suggestion)
+    elif state == "exited" and last_exit:
+        how = ("it was killed by signal %s" % last_exit["signal"] if last_exit.get("signal")
+               else "it exited with code %s" % last_exit.get("code"))
+        message += " The service process %s." % how.replace("it ", "", 1)
+        if last_exit.get("signal") == "SIGKILL":
+            suggestion = killed_by_sigkill_advice() + " " + suggestion
     if detail:
         message += " " + detail
     return GatewayError(
         503,
         "Flask server unavailable",
-        message,
-        hints.get(state, "Restart the gateway with: python -m tornado_gateway"),
+        message.strip(),
+        suggestion,
         retry_after if state in ("starting", "unhealthy") else None,
     )
 

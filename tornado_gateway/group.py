@@ -111,6 +111,16 @@ class WorkerGroup:
     def config(self) -> FlaskConfig:
         return self.workers[0].config
 
+    @property
+    def last_error(self) -> Optional[Dict[str, str]]:
+        """Why a worker failed to start (the first one that did), or None."""
+        return next((w.last_error for w in self.workers if w.last_error), None)
+
+    @property
+    def last_exit(self) -> Optional[Dict[str, Any]]:
+        """How a worker last exited (the first one that did), or None."""
+        return next((w.last_exit for w in self.workers if w.last_exit), None)
+
     async def wait_until_ready(self, timeout_s: Optional[float]) -> bool:
         """Wait (bounded) while a worker can still become ready by itself: True once one is
         ``ready``; False after ``timeout_s`` or when none can any more."""

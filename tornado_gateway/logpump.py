@@ -12,11 +12,28 @@ import collections
 import io
 import logging
 import os
+import re
+import sys
 import threading
 from typing import IO, Callable, Deque, List, NamedTuple, Optional
 
 PREFIX = "[Python] "
 child_log = logging.getLogger("tornado_gateway.python")
+
+# ANSI escape sequences (colours, bold): Werkzeug colours its request lines even into a pipe
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences."""
+    return _ANSI.sub("", text) if "\x1b" in text else text
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 class LogLine(NamedTuple):
@@ -26,8 +43,12 @@ class LogLine(NamedTuple):
     text: str
 
 
-def format_line(line: LogLine) -> str:
-    return PREFIX + line.text
+def format_line(line: LogLine, colours: Optional[bool] = None) -> str:
+    """The line as the gateway logs it: prefixed, and without colour codes unless the log goes
+    to a terminal (``colours``: None = decide from the gateway's stderr)."""
+    if colours is None:
+        colours = _stderr_is_terminal()
+    return PREFIX + (line.text if colours else strip_ansi(line.text))
 
 
 def log_sink(line: LogLine) -> None:
@@ -91,7 +112,7 @@ class LogPump:
         return not self._thread.is_alive()
 
     def _emit(self, text: str) -> None:
-        self.tail.append(text)
+        self.tail.append(strip_ansi(text))  # crash reports are read everywhere: no colours
         try:
             self._sink(LogLine(self.stream, text))
         except Exception:  # a broken sink must not kill the pump and block the child's pipe

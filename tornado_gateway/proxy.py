@@ -573,7 +573,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
                                            % self.bridge.queue_timeout_s))
             return
         except NoWorker:
-            self._refuse(errors.service_unavailable(str(self.bridge.state)))
+            self._refuse(self._unavailable(str(self.bridge.state)))
             return
         finally:
             self._waiting = None
@@ -627,8 +627,15 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             if ready and self.bridge.is_flask_ready():
                 return True
             state = str(self.bridge.state)
-        self._refuse(errors.service_unavailable(state))
+        self._refuse(self._unavailable(state))
         return False
+
+    def _unavailable(self, state: str) -> GatewayError:
+        """The 503 for ``state``, with the cause the bridge recorded (a failed start's reason,
+        an exit's code or signal)."""
+        bridge = self.bridge
+        return errors.service_unavailable(state, last_error=getattr(bridge, "last_error", None),
+                                          last_exit=getattr(bridge, "last_exit", None))
 
     async def data_received(self, chunk: bytes) -> None:
         if self._discard or self._finished or self._queue is None:

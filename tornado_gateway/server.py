@@ -24,6 +24,8 @@ from .h1server import GatewayHTTPServer
 from .proxy import configure_http_client
 
 log = logging.getLogger("tornado_gateway")
+# where the gateway listens, and that it stopped: shown in every mode (as uvicorn and Flask do)
+announce = logging.getLogger("tornado_gateway.announce")
 
 # bodies of the gateway's own (non-proxied) routes are small; the proxy raises its own limit
 OWN_ROUTES_MAX_BODY = 1024 * 1024
@@ -128,6 +130,7 @@ def configure_logging(mode: str, stream: Any = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if mode != PRODUCTION else logging.WARNING)
     logging.getLogger("tornado_gateway").setLevel(log_level_for(mode))
+    announce.setLevel(logging.INFO)
     # the child's own output is shown in both modes: its verbosity is the child's to choose
     logging.getLogger("tornado_gateway.python").setLevel(logging.INFO)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
@@ -168,8 +171,12 @@ async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
                                body_timeout=config.body_timeout / 1000.0)
     await server.start(sockets)
     port = sockets[0].getsockname()[1]
-    log.info("Gateway listening on http://%s:%d (%s mode); the deepfake API is at /api/deepfake/",
-             config.host if ":" not in config.host else "[%s]" % config.host, port, config.mode)
+    base = "http://%s:%d" % (config.host if ":" not in config.host else "[%s]" % config.host,
+                             port)
+    workers = len(getattr(bridge, "workers", ())) or 1
+    announce.info("Gateway listening on %s (%s mode, %d worker%s): the web page at %s/, the "
+                  "API at %s/api/deepfake/", base, config.mode, workers,
+                  "" if workers == 1 else "s", base, base)
     if config.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("The gateway listens on %s: anyone who can reach this machine can use it. "
                     "It has no authentication.", config.host)
@@ -208,7 +215,7 @@ async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
             await bridge.stop()
         catcher.restore()
         bridge.cleanup()
-    log.info("Gateway stopped.")
+    announce.info("Gateway stopped.")
     return 0
 
 
@@ -219,5 +226,5 @@ def run(config: GatewayConfig) -> int:
     except KeyboardInterrupt:
         # a Ctrl+C before serve() installed its handlers (no child yet; serve() stops one it
         # has started) or after it gave them back (the child is stopped by then)
-        log.info("Gateway stopped.")
+        announce.info("Gateway stopped.")
         return 0

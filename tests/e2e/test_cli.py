@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -36,7 +37,7 @@ class Gateway:
     def __init__(self, tmp_path, orphans, args: List[str], env: Optional[dict] = None,
                  port: Optional[int] = None) -> None:
         self.port = port or orphans.port()
-        self.flask_port = orphans.port()
+        self.flask_port = orphans.port(4)  # room for a worker per CPU
         environ = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_PREFIXES)}
         environ["PYTHONUNBUFFERED"] = "1"
         environ.update(env or {})
@@ -390,7 +391,16 @@ def test_cli_production_mode_is_quiet_but_shows_the_child(gateway):
     for n in range(1, workers + 1):
         label = "[worker %d] " % n if workers > 1 else ""
         assert "[Python] %shealthy: listening on" % label in out
-    assert " INFO " not in out.replace("INFO    [Python]", "")  # only the child's lines
+    # where it listens and that it stopped are shown in every mode; otherwise only the
+    # child's lines
+    assert re.search(r"INFO    Gateway listening on http://127\.0\.0\.1:%d \(production mode, "
+                     r"%d workers?\): the web page at http://127\.0\.0\.1:%d/, the API at "
+                     r"http://127\.0\.0\.1:%d/api/deepfake/" % (gw.port, workers, gw.port,
+                                                                 gw.port), out), out
+    assert out.rstrip().endswith("INFO    Gateway stopped.")
+    rest = "\n".join(line for line in out.splitlines()
+                     if "Gateway listening on" not in line and "Gateway stopped." not in line)
+    assert " INFO " not in rest.replace("INFO    [Python]", "")
     assert "Flask server ready" not in out
 
 

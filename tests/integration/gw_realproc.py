@@ -33,7 +33,7 @@ def script(name: str) -> str:
     return path
 
 
-from ports import free_port  # noqa: E402  (never the same port twice in a run)
+from ports import free_port, free_ports  # noqa: E402  (never the same port twice in a run)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -90,9 +90,10 @@ class OrphanGuard:
     def __init__(self) -> None:
         self.ports: Set[int] = set()
 
-    def port(self) -> int:
-        port = free_port()
-        self.ports.add(port)
+    def port(self, count: int = 1) -> int:
+        """A free port (the first of ``count`` consecutive ones, for a group of workers)."""
+        port = free_port() if count == 1 else free_ports(count)
+        self.ports.update(range(port, port + count))
         return port
 
     def leftovers(self, grace: float = 2.0) -> List[psutil.Process]:

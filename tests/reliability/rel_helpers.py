@@ -34,7 +34,7 @@ if os.path.join(REPO, "tests") not in sys.path:
     sys.path.append(os.path.join(REPO, "tests"))
 
 # the project's shared picker: never the same port twice in a run, across every suite
-from ports import free_port  # noqa: E402,F401
+from ports import free_port, free_ports  # noqa: E402,F401
 
 
 def port_is_free(port: int) -> bool:
@@ -286,7 +286,7 @@ class Gateway:
         self.workdir = workdir
         os.makedirs(workdir, exist_ok=True)
         self.port = port or free_port()
-        self.flask_port = flask_port or free_port()
+        self.flask_port = flask_port or free_ports(4)  # room for up to 4 workers
         self.data_dir = data_dir or os.path.join(workdir, "data")
         self.tag = uuid.uuid4().hex
         self.log_path = os.path.join(workdir, "gateway-%s.log" % self.tag[:8])
