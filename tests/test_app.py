@@ -68,6 +68,14 @@ async def test_wrong_method_on_status_is_json_405(http_server_client):
     resp = await http_server_client.fetch("/api/gateway/status", method="DELETE",
                                           raise_error=False)
     assert resp.code == 405
+    body = json.loads(resp.body)
+    assert set(body) == JSON_ERROR_KEYS
+    assert resp.headers["Allow"] == "GET" and "Use GET" in body["suggestion"]
+
+
+async def test_wrong_method_on_the_page_is_json_405_with_allow(http_server_client):
+    resp = await http_server_client.fetch("/", method="POST", body=b"x", raise_error=False)
+    assert resp.code == 405 and resp.headers["Allow"] == "GET"
     assert set(json.loads(resp.body)) == JSON_ERROR_KEYS
 
 

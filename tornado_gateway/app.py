@@ -18,18 +18,26 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 class JSONErrorMixin:
     """Errors Tornado raises itself (405, 400, 500...) answered in the gateway's JSON shape."""
 
+    def allowed_methods(self) -> List[str]:
+        """The methods this handler implements (for a 405's ``Allow`` header)."""
+        base = tornado.web.RequestHandler
+        return [m for m in self.SUPPORTED_METHODS  # type: ignore[attr-defined]
+                if getattr(type(self), m.lower(), None) is not getattr(base, m.lower(), None)]
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         reason = self._reason or "Error"  # type: ignore[attr-defined]
         suggestion = {
-            405: "Use one of the methods this endpoint supports.",
+            405: "Use %s for this endpoint." % " or ".join(self.allowed_methods()),
             400: "Check the request line, headers and body.",
         }.get(status_code, "Retry; if it persists, read the gateway's log.")
+        # RFC 9110 15.5.6: a 405 says which methods would work
+        extra = {"Allow": ", ".join(self.allowed_methods())} if status_code == 405 else None
         write_error_response(self, GatewayError(status_code, reason,
                                                 "The gateway answered %d %s for %s %s." % (
                                                     status_code, reason,
                                                     self.request.method,  # type: ignore
                                                     self.request.path),  # type: ignore
-                                                suggestion))
+                                                suggestion), extra)
 
 
 class StatusHandler(JSONErrorMixin, tornado.web.RequestHandler):

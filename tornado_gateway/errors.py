@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 
 def utc_timestamp() -> str:
@@ -40,10 +40,14 @@ class GatewayError:
         return json.dumps(self.payload()).encode("utf-8")
 
 
-def write_error_response(handler: Any, err: GatewayError) -> None:
-    """Answer ``err`` on a Tornado RequestHandler whose headers are not sent yet, and finish."""
+def write_error_response(handler: Any, err: GatewayError,
+                         headers: Optional[Dict[str, str]] = None) -> None:
+    """Answer ``err`` on a Tornado RequestHandler whose headers are not sent yet, and finish
+    (with ``headers`` added, such as a 405's ``Allow``)."""
     handler.clear()
     handler.set_status(err.status)
+    for name, value in (headers or {}).items():
+        handler.set_header(name, value)
     handler.set_header("Content-Type", "application/json; charset=utf-8")
     handler.set_header("Cache-Control", "no-store")
     if err.retry_after is not None:
