@@ -2,7 +2,8 @@
 
 Handlers stay thin: they read the request, call the detector, store and retrainer, and shape
 the JSON. ``create_app(config)`` builds everything from a :class:`ServiceConfig`, which is
-what tests use with a temporary data directory.
+what tests use with a temporary data directory. Several apps (worker processes) may share one
+data directory: every answer that involves the model names the version that produced it.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def create_app(config: ServiceConfig) -> Flask:
     def analyze() -> Any:
         started = time.perf_counter()
         decoded, data = service.decode_upload()
-        model = service.models.model  # one read: a concurrent retrain cannot change it midway
+        # one read: a retrain (here or on another worker) cannot change it midway
+        model = service.models.current().model
         try:
             result = detector.analyse(decoded, model)
         except (ValueError, OSError) as exc:
@@ -125,12 +127,15 @@ def create_app(config: ServiceConfig) -> Flask:
         return jsonify({"sample_id": result.sample_id, "analysis_id": analysis_id,
                         "label": label, "duplicate": result.duplicate,
                         "training_samples": sum(counts.values()),
-                        "samples_per_label": counts}), 201
+                        "samples_per_label": counts,
+                        # the model the next retrain must beat, now that this label is in
+                        "model_version": service.models.current().version}), 201
 
     @app.get(PREFIX + "/stats")
     def stats() -> Any:
         counts = service.store.counts()
-        model = service.models.model
+        active = service.models.current()
+        model = active.model
         times = [t for t in (service.store.last_sample_time(),
                              model.trained_at if model else None) if t]
         return jsonify({
@@ -140,11 +145,11 @@ def create_app(config: ServiceConfig) -> Flask:
             "samples_per_label": counts,
             "model": None if model is None else {
                 "version": model.version, "feature_version": model.feature_version,
-                "trained_at": model.trained_at, "source": service.models.source,
+                "trained_at": model.trained_at, "source": active.source,
                 "metrics": model.metrics},
             "capabilities": detector.CAPABILITIES,
-            "retrain": {"running": service.retrainer.running,
-                        "min_feedback_per_label": config.min_feedback_per_label},
+            "retrain": dict(service.retrainer.status(),
+                            min_feedback_per_label=config.min_feedback_per_label),
             "limits": {"max_upload_bytes": config.max_upload, "max_pixels": config.max_pixels,
                        "formats": list(imaging.SUPPORTED_FORMATS)},
         })

@@ -1,8 +1,8 @@
 """The service's JSON errors: one shape, one place, same as the gateway's.
 
 Every error body is ``{"error", "message", "suggestion", "timestamp"}`` (ISO 8601 UTC), plus
-optional extra keys (``needed`` for retrain). Code raises :class:`ApiError`; the Flask app turns
-it into a response. Nothing else builds error bodies.
+optional extra keys (``needed`` and ``holder`` for retrain). Code raises :class:`ApiError`; the
+Flask app turns it into a response. Nothing else builds error bodies.
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ writable place runs whatever code it contains).
 :class:`ModelFiles` owns the files: ``models/current.json`` and ``models/previous.json`` in the
 data directory, with the bundled baseline in the package as the read-only fallback. Writes go
 to a temporary file that is fsynced and renamed over the old one, so a crash mid-write leaves
-either the old model or the new one, never half of one.
+either the old model or the new one, never half of one; and a worker process reading the file
+while another installs a model reads one of the two, whole.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,6 +31,9 @@ log = logging.getLogger("deepfake.model")
 
 BASELINE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baseline", "model.json")
 FORMAT = "deepfake-linear-model/1"
+# Windows refuses to rename over a file another process has open (another worker reading the
+# model it just saw change, for about a millisecond): retry for up to this many seconds
+REPLACE_RETRY_SECONDS = 2.0 if os.name == "nt" else 0.0
 
 
 class ModelError(ValueError):
@@ -135,12 +140,25 @@ def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a model file is not a secret
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_directory(directory)
+
+
+def replace_file(source: str, target: str) -> None:
+    """``os.replace``, retried while Windows reports the target as in use by another process."""
+    deadline = time.monotonic() + REPLACE_RETRY_SECONDS
+    while True:
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _fsync_directory(directory: str) -> None:
@@ -161,6 +179,18 @@ class ModelFiles:
         self.current = os.path.join(self.directory, "current.json")
         self.previous = os.path.join(self.directory, "previous.json")
         self.baseline = baseline_path
+
+    def current_identity(self) -> Optional[tuple[int, ...]]:
+        """What changes whenever ``current.json`` is replaced, from one ``stat``; None if absent.
+
+        An install renames a new file over it, so its inode number changes; on a filesystem
+        without inode numbers, its modification time (and usually its size) still does.
+        """
+        try:
+            st = os.stat(self.current)
+        except OSError:  # missing (or unreadable, which load_active treats the same way)
+            return None
+        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
 
     def load_active(self) -> tuple[Optional[LinearModel], str]:
         """The newest usable model and where it came from; (None, reason) if there is none.
@@ -187,5 +217,5 @@ class ModelFiles:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.directory)
             os.close(fd)
             shutil.copyfile(self.current, tmp)
-            os.replace(tmp, self.previous)
+            replace_file(tmp, self.previous)
         write_json_atomically(self.current, model.to_json())

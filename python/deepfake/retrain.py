@@ -1,9 +1,21 @@
 """Retraining: baseline set + feedback, grouped validation, replace only if no worse.
 
-Owns the active model (:class:`ModelHolder`) and the rule for replacing it. Analyses read the
-holder's reference without a lock: swapping a Python attribute is atomic, so a retrain never
-blocks them, and an analysis in flight finishes with the model it started with. Only one
-retrain runs at a time; a second one is refused rather than queued.
+Owns the active model (:class:`ModelHolder`) and the rule for replacing it. Several worker
+processes may serve one data directory; ``models/current.json`` is the one model they share:
+
+- Every request that uses the model asks the holder for it, and the holder first calls
+  ``os.stat`` on ``current.json`` (a few microseconds) and reloads if the file was replaced.
+  So once a retrain on any worker has installed a model, every request that starts
+  afterwards, on any worker, is answered by it: there is no polling interval. A damaged
+  ``current.json`` is read (and its fallback logged) once, not on every request: the holder
+  remembers which file it judged.
+- The snapshot a request gets (model, source) is one immutable tuple, swapped in a single
+  assignment: analyses never wait for a retrain, and one in flight finishes with the model it
+  started with.
+- One retrain at a time across all workers: the store's retrain lock, not an in-memory one. A
+  second retrain, on any worker, is refused with who holds the lock rather than queued. The
+  decision and the install happen under that lock, against the model current *then* (reloaded
+  from disk), so a retrain never compares against a model another worker has since replaced.
 
 The "no worse" rule compares both models on data neither trained on, as far as that exists:
 - on feedback images, the candidate's grouped-CV accuracy against the current model's direct
@@ -14,40 +26,73 @@ The "no worse" rule compares both models on data neither trained on, as far as t
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from typing import Any, Optional
+import uuid
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
 from . import baseline_set
 from .errors import ApiError
 from .model import LinearModel, ModelFiles
-from .store import LABELS, Store
+from .store import LABELS, RetrainLocked, Store
 
 log = logging.getLogger("deepfake.retrain")
 
 BASELINE_TOLERANCE = 0.02  # accuracy points: one baseline image out of 114 is ~0.009
 
 
+class ActiveModel(NamedTuple):
+    """The model to answer with, where it came from, and which ``current.json`` was judged."""
+
+    model: Optional[LinearModel]
+    source: str  # "current", "previous", "baseline" or "none"
+    identity: Optional[tuple[int, ...]]  # ModelFiles.current_identity() when it was loaded
+
+    @property
+    def version(self) -> Optional[str]:
+        return self.model.version if self.model is not None else None
+
+
 class ModelHolder:
-    """The model analyses use right now, and where it was loaded from."""
+    """The model requests use right now, kept in step with ``current.json`` on disk."""
 
     def __init__(self, files: ModelFiles) -> None:
         self.files = files
-        self.model: Optional[LinearModel] = None
-        self.source = "none"
-        self.reload()
+        self._reloading = threading.Lock()
+        self._active = self._load(files.current_identity(), None)
 
-    def reload(self) -> None:
-        model, source = self.files.load_active()
-        self.model, self.source = model, source if model is not None else "none"
-        if model is None:
-            log.error("no usable model: %s", source)
+    def current(self) -> ActiveModel:
+        """The model to use for this request; reloaded first if another process installed one."""
+        active = self._active
+        if self.files.current_identity() == active.identity:
+            return active
+        with self._reloading:  # one thread reloads; the others then find it done
+            identity = self.files.current_identity()
+            if identity != self._active.identity:
+                self._active = self._load(identity, self._active.version)
+            return self._active
 
     def install(self, model: LinearModel) -> None:
-        self.files.install(model)  # on disk first: a crash after this keeps the new model
-        self.model, self.source = model, "current"
+        """Make ``model`` current on disk (first: a crash after this keeps it) and here."""
+        with self._reloading:
+            self.files.install(model)
+            self._active = ActiveModel(model, "current", self.files.current_identity())
+
+    def _load(self, identity: Optional[tuple[int, ...]],
+              was: Optional[str]) -> ActiveModel:
+        # ``identity`` was taken before reading: if the file is replaced meanwhile, the next
+        # request sees a newer identity and reloads again, never keeps an older model for good
+        model, source = self.files.load_active()
+        if model is None:
+            log.error("no usable model: %s", source)
+            return ActiveModel(None, "none", identity)
+        if model.version != was:
+            log.info("model %s (%s) is active in process %d", model.version, source,
+                     os.getpid())
+        return ActiveModel(model, source, identity)
 
 
 class Retrainer:
@@ -59,23 +104,27 @@ class Retrainer:
         self.holder = holder
         self.min_per_label = min_per_label
         self.baseline_path = baseline_path
-        self._lock = threading.Lock()
 
-    @property
-    def running(self) -> bool:
-        return self._lock.locked()
+    def status(self) -> dict[str, Any]:
+        """Whether a retrain runs on any worker, and whose it is."""
+        holder = self.store.retrain_lock_holder()
+        return {"running": holder is not None,
+                "holder": holder.public() if holder is not None else None}
 
     def run(self) -> dict[str, Any]:
-        """Retrain now; :class:`ApiError` 409 if busy or if a label lacks samples."""
-        if not self._lock.acquire(blocking=False):
+        """Retrain now; :class:`ApiError` 409 if one runs anywhere or if a label lacks samples."""
+        try:
+            token = self.store.acquire_retrain_lock()
+        except RetrainLocked as busy:
             raise ApiError(409, "Retrain already running",
-                           "A retrain is already in progress; only one runs at a time.",
+                           "A retrain is already in progress (%s); only one runs at a time "
+                           "across all workers." % busy.holder.describe(),
                            "Wait for it to finish (GET /api/deepfake/stats shows retrain.running)"
-                           " and try again if needed.")
+                           " and try again if needed.", {"holder": busy.holder.public()})
         try:
             return self._run()
         finally:
-            self._lock.release()
+            self.store.release_retrain_lock(token)
 
     def _run(self) -> dict[str, Any]:
         counts = self.store.counts()
@@ -98,12 +147,14 @@ class Retrainer:
               "feedback/" + label) for sha, label, vectors in samples])
         data = baseline_set.load(self.baseline_path).concat(feedback)
         metrics, _ = training.validate(data)
-        current = self.holder.model
+        # the model on disk now, not the one this worker last served: under the lock nobody
+        # else installs, and this is what the candidate must be no worse than
+        current = self.holder.current().model
         previous_metrics = dict(current.metrics) if current is not None else {}
         replace, reason = self._compare(metrics, current, feedback)
         if current is not None:
             previous_metrics["feedback_accuracy"] = _direct_accuracy(current, feedback)
-        version = "retrained-%s" % time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        version = new_version()
         model_version = current.version if current is not None else None
         if replace:
             description = {"data": "bundled baseline set plus feedback",
@@ -137,6 +188,13 @@ class Retrainer:
                       "on baseline images (%s vs %s, tolerance %.2f)"
                       % (_fmt(new_feedback), _fmt(current_feedback), _fmt(new_baseline),
                          _fmt(current_baseline), BASELINE_TOLERANCE))
+
+
+def new_version() -> str:
+    """A model version no other retrain, on any worker, gets: UTC time to the ms + random."""
+    now = time.time()
+    return "retrained-%s.%03dZ-%s" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)),
+                                      int(now % 1 * 1000), uuid.uuid4().hex[:6])
 
 
 def _direct_accuracy(model: LinearModel, data: Any) -> Optional[float]:

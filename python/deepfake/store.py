@@ -8,23 +8,42 @@ instead of counting it twice.
 Durability: every write is one transaction with ``synchronous=FULL``; WAL keeps readers off the
 writer's back, so a process killed mid-write loses at most the write in flight, never
 committed rows. Each call opens its own connection, which makes the store safe to use from
-the threaded server without sharing connections across threads.
+the threaded server without sharing connections across threads, and lets every worker process
+on the same data directory see what any of them committed on its next call.
+
+The store also holds the *retrain lock*, one row of ``retrain_lock``, so that one retrain runs
+at a time across all worker processes (an in-memory lock would hold within one only). It is
+taken with ``BEGIN IMMEDIATE`` (SQLite's write lock makes check-and-take one step) and names
+its holder: PID, that process's creation time, host, and since when. A lock whose holder is
+gone (killed mid-retrain) is stale and is taken over, so a crash never blocks retraining.
+Liveness is judged on the holder's own host only, where its PID means something; a lock from
+another host (a data directory shared between containers) is trusted for
+``FOREIGN_LOCK_EXPIRY`` seconds, longer than any retrain runs.
 """
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import socket
 import sqlite3
 import tempfile
+import threading
+import time
+import uuid
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from . import features
+from . import features, processes
+
+log = logging.getLogger("deepfake.store")
 
 LABELS = ("real", "fake")
+FOREIGN_LOCK_EXPIRY = 3600.0  # seconds; a retrain takes seconds, even with much feedback
+OPEN_TIMEOUT = 30.0  # seconds to keep retrying a database that other workers are creating
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS analyses (
@@ -59,7 +78,21 @@ CREATE TABLE IF NOT EXISTS samples (
     features BLOB NOT NULL,
     image_path TEXT
 );
+CREATE TABLE IF NOT EXISTS retrain_lock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    token TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    process_started REAL,
+    host TEXT NOT NULL,
+    started_at TEXT NOT NULL
+);
 """
+
+_HOST = socket.gethostname()
+# the tokens of the retrain locks this process holds right now: a row with this process's PID
+# and another token was left behind by a release that failed, and is stale
+_held_tokens: set[str] = set()
+_held_guard = threading.Lock()
 
 
 def utc_now() -> str:
@@ -87,6 +120,31 @@ class SampleResult:
     label: str
 
 
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds the retrain lock: which process, on which host, since when."""
+
+    token: str
+    pid: int
+    process_started: Optional[float]
+    host: str
+    started_at: str
+
+    def describe(self) -> str:
+        return "process %d on %s since %s" % (self.pid, self.host, self.started_at)
+
+    def public(self) -> dict[str, Any]:
+        return {"pid": self.pid, "host": self.host, "started_at": self.started_at}
+
+
+class RetrainLocked(Exception):
+    """The retrain lock is held by a live process (``holder``)."""
+
+    def __init__(self, holder: LockHolder) -> None:
+        super().__init__("the retrain lock is held by " + holder.describe())
+        self.holder = holder
+
+
 def _pack(vectors: np.ndarray) -> bytes:
     return np.ascontiguousarray(vectors, dtype="<f4").tobytes()
 
@@ -103,9 +161,23 @@ class Store:
         self.path = os.path.join(data_dir, "deepfake.sqlite3")
         self.images_dir = os.path.join(data_dir, "images")
         os.makedirs(data_dir, exist_ok=True)
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+        self._create()
+
+    def _create(self) -> None:
+        # several workers opening a new data directory at once: the switch to WAL needs the
+        # database to itself, and SQLite refuses it with "database is locked" at once, without
+        # waiting for the busy timeout; both statements are idempotent, so try again
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while True:
+            try:
+                with self._connect() as conn:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -207,3 +279,81 @@ class Store:
                 " WHERE feature_version = ? AND n_crops > 0 ORDER BY sample_id",
                 (features.FEATURE_VERSION,)).fetchall()
         return [(sha, label, _unpack(blob, n)) for sha, label, n, blob in rows]
+
+    # --- the retrain lock ---------------------------------------------------------------------
+
+    def acquire_retrain_lock(self) -> str:
+        """Take the retrain lock for this process; its token, for the release.
+
+        :class:`RetrainLocked` if a live process holds it; a stale lock is taken over (logged).
+        """
+        token = uuid.uuid4().hex
+        with _held_guard:  # before the commit: from then on a thread may look at the row
+            _held_tokens.add(token)
+        try:
+            with self._transaction() as conn:
+                holder = _lock_row(conn)
+                if holder is not None:
+                    stale = _stale_reason(holder)
+                    if stale is None:
+                        raise RetrainLocked(holder)
+                    log.warning("taking over the retrain lock of %s: %s", holder.describe(),
+                                stale)
+                conn.execute("INSERT OR REPLACE INTO retrain_lock VALUES (1, ?, ?, ?, ?, ?)",
+                             (token, os.getpid(), processes.start_time(), _HOST, utc_now()))
+        except BaseException:
+            with _held_guard:
+                _held_tokens.discard(token)
+            raise
+        return token
+
+    def release_retrain_lock(self, token: str) -> None:
+        """Release the lock taken with ``token``; a lock taken over since is left alone."""
+        try:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM retrain_lock WHERE id = 1 AND token = ?", (token,))
+        except sqlite3.Error:
+            # never masks the retrain's own outcome; the row left behind names this process
+            # with a token it no longer holds, so the next retrain finds it stale
+            log.exception("could not release the retrain lock")
+        finally:
+            with _held_guard:
+                _held_tokens.discard(token)
+
+    def retrain_lock_holder(self) -> Optional[LockHolder]:
+        """The live holder of the retrain lock, or None if it is free (or held by the dead)."""
+        with self._connect() as conn:
+            holder = _lock_row(conn)
+        return holder if holder is not None and _stale_reason(holder) is None else None
+
+
+def _lock_row(conn: sqlite3.Connection) -> Optional[LockHolder]:
+    row = conn.execute("SELECT token, pid, process_started, host, started_at FROM retrain_lock"
+                       " WHERE id = 1").fetchone()
+    return None if row is None else LockHolder(*row)
+
+
+def _stale_reason(holder: LockHolder) -> Optional[str]:
+    """Why ``holder``'s lock may be taken over, or None if it must be respected."""
+    if holder.host != _HOST:
+        age = _age_seconds(holder.started_at)
+        if age is None or age > FOREIGN_LOCK_EXPIRY:
+            return ("held from another host for longer than %.0f s, so that host's retrain "
+                    "has died" % FOREIGN_LOCK_EXPIRY)
+        return None
+    if not processes.alive(holder.pid, holder.process_started):
+        return "process %d is gone" % holder.pid
+    if holder.pid == os.getpid():
+        with _held_guard:
+            if holder.token not in _held_tokens:
+                return "this process holds no such lock (its release failed)"
+    return None
+
+
+def _age_seconds(timestamp: str) -> Optional[float]:
+    try:
+        then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%S.%fZ")
+    except ValueError:
+        return None
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    return (now - then).total_seconds()

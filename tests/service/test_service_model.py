@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from deepfake import features, training
+from deepfake import features, model as model_module, training
 from deepfake.model import BASELINE_PATH, LinearModel, ModelError, ModelFiles, read_model
 
 
@@ -85,3 +85,27 @@ def test_the_shipped_model_is_plain_json_with_its_metrics() -> None:
     assert data["feature_version"] == features.FEATURE_VERSION
     metrics = data["metrics"]
     assert 0.5 < metrics["accuracy"] <= 1.0 and "grouped" in metrics["validation"]
+
+
+def test_install_waits_out_a_reader_holding_the_file_on_windows(tmp_path, monkeypatch) -> None:
+    # Windows answers a rename over a file another worker has open with PermissionError
+    files = ModelFiles(str(tmp_path))
+    files.install(training.train_model(small_set(4), "first", {}, {}))
+    real_replace = os.replace
+    refusals = []
+
+    def busy_once_each(source, target):
+        if target not in refusals:
+            refusals.append(target)
+            raise PermissionError(13, "The process cannot access the file", target)
+        real_replace(source, target)
+    monkeypatch.setattr(model_module.os, "replace", busy_once_each)
+    monkeypatch.setattr(model_module, "REPLACE_RETRY_SECONDS", 2.0)
+    files.install(training.train_model(small_set(5), "second", {}, {}))
+    assert refusals == [files.previous, files.current]
+    assert files.load_active()[0].version == "second"
+    assert read_model(files.previous).version == "first"
+    monkeypatch.setattr(model_module, "REPLACE_RETRY_SECONDS", 0.0)  # POSIX: no retry
+    refusals.clear()
+    with pytest.raises(PermissionError):
+        files.install(training.train_model(small_set(6), "third", {}, {}))

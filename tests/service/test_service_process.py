@@ -1,18 +1,21 @@
-"""The real entry point: start-up time, both servers, the debugger guard, the parent watch."""
+"""The real entry point: start-up time, both servers, the debugger guard, the parent watch,
+and several worker processes on one data directory."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from service_images import PYTHON_DIR, encode, pink_noise
+from service_images import PYTHON_DIR, encode, nearest_upsampled, pink_noise
 
 SCRIPT = os.path.join(PYTHON_DIR, "api_server.py")
 pytestmark = pytest.mark.integration
@@ -24,12 +27,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def request(url: str, data: bytes | None = None, content_type: str = "image/png"):
+def request(url: str, data: bytes | None = None, content_type: str = "image/png",
+            timeout: float = 10):
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     if data is not None:
         req.add_header("Content-Type", content_type)
     try:
-        with urllib.request.urlopen(req, timeout=10) as response:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -149,3 +153,89 @@ def test_development_log_omits_the_gateways_health_checks_only(tmp_path) -> None
         output = service.stop()
     # the three health checks leave no line; the same request from anyone else does
     assert output.count("/stats?probe=marked") == 1, output
+
+
+# --- worker processes on one data directory --------------------------------------------------
+
+WORKER_ENV = {"DEEPFAKE_MIN_FEEDBACK_PER_LABEL": "2"}
+
+
+def label(service: Service, seed: int, name: str) -> None:
+    image = pink_noise(256, seed=seed)
+    data = encode(image if name == "real" else nearest_upsampled(image))
+    status, body = request(service.url + "/feedback?label=" + name, data)
+    assert status == 201, body
+
+
+@pytest.mark.timeout(120)
+def test_worker_processes_share_feedback_and_one_model(tmp_path) -> None:
+    # started together on a new data directory, as the gateway starts its workers
+    a, b = (Service(tmp_path, "production", WORKER_ENV) for _ in range(2))
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        status, analysed = request(b.url + "/analyze", encode(pink_noise(256, seed=1)))
+        assert status == 200 and analysed["model_version"] == "baseline-1"
+        status, body = request(a.url + "/feedback", json.dumps(
+            {"analysis_id": analysed["analysis_id"], "label": "real"}).encode(),
+            "application/json")
+        assert status == 201, body  # a labels what b analysed
+        for seed, (worker, name) in enumerate([(a, "fake"), (b, "fake"), (b, "real")], 2):
+            label(worker, seed, name)
+        counts = {"real": 2, "fake": 2}
+        assert request(a.url + "/stats")[1]["samples_per_label"] == counts
+        assert request(b.url + "/stats")[1]["samples_per_label"] == counts
+        status, retrained = request(a.url + "/retrain", b"", timeout=60)
+        assert status == 200 and retrained["replaced"] is True, retrained
+        version = retrained["model_version"]
+        # at once, on the worker that did not train
+        status, stats = request(b.url + "/stats")
+        assert (stats["model"]["version"], stats["model"]["source"]) == (version, "current")
+        status, body = request(b.url + "/analyze", encode(pink_noise(256, seed=9)))
+        assert status == 200 and body["model_version"] == version
+    finally:
+        a.stop()
+        log = b.stop()
+    assert "model %s (current) is active in process %d" % (version, b.proc.pid) in log
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_mid_retrain_does_not_block_retraining(tmp_path) -> None:
+    a, b = (Service(tmp_path, "production", WORKER_ENV) for _ in range(2))
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        for seed, name in enumerate(["real", "fake"] * 2):
+            label(b, seed, name)
+        outcome: dict = {}
+
+        def retrain_on_a() -> None:
+            try:
+                outcome["answer"] = request(a.url + "/retrain", b"", timeout=60)
+            except (OSError, http.client.HTTPException) as exc:
+                outcome["cut"] = exc  # what the kill below should do to it
+        # a's first retrain imports scikit-learn under the lock: about a second to catch it in
+        trainer = threading.Thread(target=retrain_on_a, daemon=True)
+        trainer.start()
+        deadline = time.monotonic() + 30
+        while not request(b.url + "/stats")[1]["retrain"]["running"]:
+            assert time.monotonic() < deadline and not outcome, outcome
+            time.sleep(0.01)
+        status, refused = request(b.url + "/retrain", b"")
+        assert status == 409 and refused["holder"]["pid"] == a.proc.pid, refused
+        assert "process %d on " % a.proc.pid in refused["message"]
+        a.proc.kill()  # SIGKILL: no finally, no release
+        a.proc.wait()
+        trainer.join(10)
+        assert "cut" in outcome, "the retrain finished before the kill: nothing was tested"
+        status, stats = request(b.url + "/stats")
+        assert stats["retrain"] == {"running": False, "holder": None,
+                                    "min_feedback_per_label": 2}
+        status, body = request(b.url + "/retrain", b"", timeout=60)
+        assert status == 200, body
+        status, stats = request(b.url + "/stats")
+        assert stats["model"]["version"] == body["model_version"]
+    finally:
+        a.stop()
+        log = b.stop()
+    assert "taking over the retrain lock of process %d" % a.proc.pid in log

@@ -99,3 +99,31 @@ def test_a_process_killed_mid_write_loses_no_committed_sample(tmp_path) -> None:
     assert len(samples) >= last + 1  # every sample reported as committed is there
     for index, (sha, _, vectors) in enumerate(samples):  # and each one is whole
         assert int(sha, 16) == index and np.all(vectors == index)
+
+
+OPENER = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from deepfake.store import Store
+start = float(sys.argv[2])
+for i, directory in enumerate(sys.argv[3:]):
+    while time.time() < start + 0.05 * i:
+        pass
+    Store(directory)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_workers_opening_a_new_data_directory_at_once_all_start(tmp_path) -> None:
+    # the gateway starts its workers together; on a new data directory they all create the
+    # database and switch it to WAL at the same moment (20 directories: 20 such moments)
+    directories = [str(tmp_path / ("data%d" % i)) for i in range(20)]
+    start = time.time() + 1.5  # once every process has imported numpy
+    workers = [subprocess.Popen([sys.executable, "-c", OPENER, PYTHON_DIR, str(start)]
+                                + directories, stderr=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    errors = [worker.communicate(timeout=50)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * 4, "\n".join(errors)
+    for directory in directories:
+        with sqlite3.connect(os.path.join(directory, "deepfake.sqlite3")) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
