@@ -112,3 +112,53 @@ def test_ctrl_c_with_two_workers_stops_both_trees_and_frees_both_ports(gateways)
     for n in (1, 2):
         assert "[worker %d] Started the Flask server" % n in log, log[-2000:]
         assert "[worker %d] Flask server stopped." % n in log, log[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_two_service_workers_serve_one_model_after_a_retrain(gateways):
+    """The real service on two workers: feedback through the gateway reaches both, a retrain
+    on one is what both answer with at once, and retrains sent to both at the same moment
+    leave one valid model that every answer names."""
+    from rel_helpers import encode, multipart, noise_image, request
+
+    gw = gateways(["--workers", "2"], env={"DEEPFAKE_MIN_FEEDBACK_PER_LABEL": "2"},
+                  timeout=60)
+    wait_until(lambda: all(w["state"] == "ready" for w in gw.status()["service"]["workers"]),
+               60, "both workers to be ready")
+    ports = [w["port"] for w in gw.status()["service"]["workers"]]
+    for i in range(4):
+        body, ctype = multipart({"label": "real" if i % 2 else "fake"},
+                                {"file": ("x.png", encode(noise_image(96, i)), "image/png")})
+        resp = gw.request("POST", "/api/deepfake/feedback", body, {"Content-Type": ctype})
+        assert resp.status == 201, resp
+    for port in ports:  # every worker counts every sample, whichever took it
+        assert request(port, "GET", "/api/deepfake/stats").json()["training_samples"] == 4
+
+    trained = gw.request("POST", "/api/deepfake/retrain", b"", timeout=60)
+    assert trained.status == 200, trained
+    version = trained.json()["model_version"]
+    for port in ports:  # both answer with it as soon as retrain has returned
+        assert request(port, "GET", "/api/deepfake/stats").json()["model"]["version"] == version
+    png = encode(noise_image(128, 77))
+    for _ in range(4):
+        analysed = gw.request("POST", "/api/deepfake/analyze", png, {"Content-Type": "image/png"})
+        assert analysed.status == 200 and analysed.json()["model_version"] == version
+
+    results: List[object] = [None, None]
+
+    def retrain(i: int) -> None:
+        results[i] = request(ports[i], "POST", "/api/deepfake/retrain", b"", timeout=60)
+    threads = [threading.Thread(target=retrain, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    statuses = sorted(r.status for r in results)
+    assert statuses in ([200, 200], [200, 409]), results  # overlapping ones: one refused
+    for r in results:
+        if r.status == 409:
+            assert "already" in r.json()["message"].lower(), r
+    versions = {request(port, "GET", "/api/deepfake/stats").json()["model"]["version"]
+                for port in ports}
+    assert len(versions) == 1, versions
+    assert gw.interrupt() == 0
