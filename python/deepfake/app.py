@@ -57,6 +57,7 @@ def create_app(config: ServiceConfig) -> Flask:
     # exceptions go to our JSON 500 handler even in debug mode; tracebacks go to the log only
     app.config.update(MAX_CONTENT_LENGTH=config.max_upload + 2**20, PROPAGATE_EXCEPTIONS=False,
                       TRAP_HTTP_EXCEPTIONS=False, JSON_SORT_KEYS=False)
+    app.json.compact = True  # one shape in every mode (Flask pretty-prints in debug mode)
     app.wsgi_app = DebuggerGuard(app.wsgi_app)  # type: ignore[method-assign]
     service = Service(config)
     app.extensions["deepfake"] = service
@@ -178,7 +179,12 @@ def _register_errors(app: Flask, config: ServiceConfig) -> None:
         status = exc.code or 500
         name = exc.name or "HTTP error"
         suggestion = _HTTP_SUGGESTIONS.get(status, "Check the request and try again.")
-        response = jsonify(error_payload(name, exc.description or name, suggestion))
+        message = exc.description or name
+        if status == 404:  # the gateway's words for the same thing
+            message = "The service has no route for %s." % request.path[:200]
+        elif status == 405:
+            message = "%s is not allowed on %s." % (request.method, request.path[:200])
+        response = jsonify(error_payload(name, message, suggestion))
         response.status_code = status
         if status == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore

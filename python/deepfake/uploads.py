@@ -62,12 +62,39 @@ def image_bytes(request: Request, max_upload: int) -> bytes:
                    "Content-Type image/*.")
 
 
+JSON_SHAPE = ('{"analysis_id": "<id from analyze>", "label": "real"} with Content-Type: '
+              'application/json, or a multipart form with the fields label and file')
+
+
+def json_object(request: Request) -> Optional[dict]:
+    """The JSON body as an object; None when the request is not JSON. A JSON request whose
+    body is not valid JSON, or not an object, is an :class:`ApiError` 400 that says so."""
+    if not request.is_json:
+        return None
+    body = request.get_json(silent=True)
+    if body is None:
+        raw = request.get_data(cache=True)
+        raise ApiError(400, "Invalid JSON body",
+                       "The body is not valid JSON" + (" (it is empty)." if not raw else "."),
+                       "Send " + JSON_SHAPE + ".")
+    if not isinstance(body, dict):
+        raise ApiError(400, "Invalid JSON body",
+                       "The body is JSON, but a %s, not an object." % _json_kind(body),
+                       "Send " + JSON_SHAPE + ".")
+    return body
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number",
+            float: "number"}.get(type(value), "value")
+
+
 def field(request: Request, name: str) -> Optional[str]:
-    """A form, JSON or query field as a string (JSON body first, then form, then query)."""
-    if request.is_json:
-        body = request.get_json(silent=True)
-        if isinstance(body, dict) and body.get(name) is not None:
-            return str(body[name])
+    """A form, JSON or query field as a string (JSON body first, then form, then query).
+    A JSON body that is not an object is an :class:`ApiError` 400 (see :func:`json_object`)."""
+    body = json_object(request)
+    if body is not None and body.get(name) is not None:
+        return str(body[name])
     if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         value = request.form.get(name)
         if value is not None:

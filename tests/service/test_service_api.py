@@ -330,3 +330,27 @@ def test_a_worse_candidate_does_not_replace_the_model(client, app, monkeypatch) 
     files = app.extensions["deepfake"].models.files
     assert not os.path.exists(files.current)
     assert client.get(API + "/stats").get_json()["model"]["version"] == "baseline-1"
+
+
+@pytest.mark.parametrize("body,words", [
+    ("{not json", "not valid JSON"),
+    ("", "not valid JSON (it is empty)"),
+    ("[1, 2, 3]", "a list, not an object"),
+    ('"real"', "a string, not an object"),
+])
+def test_feedback_with_a_json_body_that_is_not_an_object_says_so(client, body, words) -> None:
+    response = client.post("/api/deepfake/feedback", data=body, content_type="application/json")
+    payload = assert_error(response, 400, words)
+    assert payload["error"] == "Invalid JSON body"
+    assert '{"analysis_id"' in payload["suggestion"] and "label" in payload["suggestion"]
+
+
+def test_errors_are_compact_json_with_the_gateways_words_even_in_debug_mode(client) -> None:
+    client.application.debug = True
+    response = client.get("/api/deepfake/nope")
+    assert response.status_code == 404 and b"\n  " not in response.data
+    payload = assert_error(response, 404, "The service has no route for /api/deepfake/nope.")
+    assert set(payload) == {"error", "message", "suggestion", "timestamp"}
+    response = client.get("/api/deepfake/analyze")
+    assert_error(response, 405, "GET is not allowed on /api/deepfake/analyze")
+    assert "POST" in response.headers["Allow"]
