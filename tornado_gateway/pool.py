@@ -525,6 +525,8 @@ def _closed_future(error: BaseException | None = None) -> "Future[None]":
 class _Upstream(asyncio.Protocol):
     """One upstream connection: an asyncio transport, and the exchange using it (if any).
 
+    What is written leaves at once (Nagle's algorithm is off on the TCP socket).
+
     Bytes go straight to the exchange's parser as the loop delivers them. While the
     connection is idle in the pool the transport keeps reading, so a server closing it, or
     sending anything at all, takes it out of the pool.
@@ -544,6 +546,18 @@ class _Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # A request goes out as several writes (head, then each body piece). With Nagle's
+        # algorithm a short segment is held while an earlier short one is unacknowledged, and
+        # a server on a kept-alive connection delays that ACK (40 ms on Linux): the last piece
+        # of an upload sat in this socket that long before the server could answer. asyncio
+        # sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP, which _open()'s are
+        # not; under TLS, "socket" is the TCP socket beneath.
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # already reset by the peer: the first write reports it
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -1075,9 +1089,9 @@ class _PooledConnection:
                 future: Future[None] = Future()
                 future.set_result(None)
                 return future
-            conn.write(b"%x\r\n" % len(chunk))
-            conn.write(chunk)
-            return conn.write(b"\r\n")
+            # One write, as HTTP1Connection frames it: with TCP_NODELAY each write leaves as
+            # a segment of its own, and size line and CRLF alone would be two tiny ones.
+            return conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         return conn.write(chunk)
 
     async def _write_body(self) -> None:
