@@ -16,6 +16,7 @@ Writes ``model.json`` and ``features.npz`` to ``python/deepfake/baseline/`` (or 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -97,11 +98,29 @@ def build(out_dir: str, seed: int = SEED) -> dict:
     model = training.train_model(data, "baseline-1", metrics, description)
     os.makedirs(out_dir, exist_ok=True)
     baseline_set.save(data, os.path.join(out_dir, "features.npz"))
-    write_json_atomically(os.path.join(out_dir, "model.json"), model.to_json())
+    model_path = os.path.join(out_dir, "model.json")
+    write_json_atomically(model_path, keep_trained_at_if_unchanged(model.to_json(), model_path))
     print("baseline: %d images, %d crops, held-out image accuracy %.3f (AUC %.3f), %.1f s"
           % (metrics["n_images"], metrics["n_crops"], metrics["accuracy"],
              metrics.get("roc_auc", float("nan")), time.monotonic() - started))
     return metrics
+
+
+def keep_trained_at_if_unchanged(payload: dict, path: str) -> dict:
+    """``payload`` with the ``trained_at`` of the model already at ``path`` when everything
+    else is the same: a rebuild from unchanged inputs then rewrites the file byte for byte
+    (the tracked baseline stays clean in git)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return payload
+    def rest(model: dict) -> str:
+        return json.dumps({k: v for k, v in model.items() if k != "trained_at"},
+                          sort_keys=True)
+    if isinstance(previous, dict) and "trained_at" in previous and rest(previous) == rest(payload):
+        return dict(payload, trained_at=previous["trained_at"])
+    return payload
 
 
 def main(argv: list[str] | None = None) -> int:
