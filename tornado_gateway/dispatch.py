@@ -100,12 +100,13 @@ class Dispatcher:
         """Wait for a worker: ``on_slot(index)`` is called when one is free for this request,
         or ``on_fail()`` when none will be (see :class:`Ticket`). Raises :class:`Overloaded`
         when ``queue_limit`` requests already wait."""
+        self.kick()  # a worker may have room no one handed out yet (it just became ready)
         if len(self._waiting) >= self.queue_limit:
             self.refused += 1
             raise Overloaded(len(self._waiting), self.queue_limit)
         ticket = Ticket(on_slot, on_fail)
         self._waiting.append(ticket)
-        self.kick()  # a worker may be free (no one was waiting and it just became ready)
+        self.kick()
         return ticket
 
     def cancel(self, ticket: Ticket) -> bool:

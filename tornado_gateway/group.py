@@ -153,39 +153,56 @@ class WorkerGroup:
         return self.dispatcher.try_acquire()
 
     async def acquire(self) -> int:
-        """Wait in the queue for a worker; its index. Raises :class:`Overloaded` (queue full,
-        at once), :class:`QueueTimeout` (waited ``queue_timeout_s``) or :class:`NoWorker`
-        (every worker went down while waiting). Cancelling the wait gives up the place."""
-        index = self.dispatcher.try_acquire()
-        if index is not None:
-            return index
+        """Wait in the queue for a worker; its index (see :meth:`request_worker`)."""
+        return await self.request_worker()
+
+    def request_worker(self) -> "asyncio.Future[int]":
+        """A future of a worker's index: already resolved when one is free, else resolved
+        when the queue reaches this request. It fails with :class:`QueueTimeout` after
+        ``queue_timeout_s`` or :class:`NoWorker` when every worker went down; a full queue
+        raises :class:`Overloaded` here, at once. Cancelling the future gives up the place
+        (if it already holds a worker, the caller must :meth:`release` it)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
+        dispatcher = self.dispatcher
+        index = dispatcher.try_acquire()
+        if index is not None:
+            future.set_result(index)
+            return future
+        timer: List[Any] = []
 
         def on_slot(index: int) -> None:
-            if future.done():  # cancelled meanwhile: the slot is nobody's, give it back
-                self.dispatcher.release(index)
+            if timer:
+                timer[0].cancel()
+            if future.done():  # cancelled meanwhile: the place is nobody's, give it back
+                dispatcher.release(index)
             else:
                 future.set_result(index)
 
         def on_fail() -> None:
+            if timer:
+                timer[0].cancel()
             if not future.done():
                 future.set_exception(NoWorker())
 
-        ticket = self.dispatcher.enqueue(on_slot, on_fail)  # may raise Overloaded
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.queue_timeout_s)
-        except asyncio.TimeoutError:
-            if self.dispatcher.cancel(ticket):
+        ticket = dispatcher.enqueue(on_slot, on_fail)  # may raise Overloaded
+        if future.done():  # enqueue() found a free worker at once
+            return future
+
+        def on_timeout() -> None:
+            if dispatcher.cancel(ticket):
                 self.timed_out += 1
-                raise QueueTimeout() from None
-            return future.result()  # the slot came with the timeout: keep it
-        except asyncio.CancelledError:
-            if not self.dispatcher.cancel(ticket) and future.done() \
-                    and not future.cancelled() and future.exception() is None:
-                self.dispatcher.release(future.result())
-            future.cancel()
-            raise
+                if not future.done():
+                    future.set_exception(QueueTimeout())
+
+        def on_done(done: asyncio.Future) -> None:
+            if done.cancelled():
+                timer[0].cancel()
+                dispatcher.cancel(ticket)
+
+        timer.append(loop.call_later(self.queue_timeout_s, on_timeout))
+        future.add_done_callback(on_done)
+        return future
 
     def release(self, index: int) -> None:
         """The request on worker ``index`` is over."""

@@ -555,8 +555,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         # body is read while waiting: back-pressure reaches the client, memory stays bounded.
         from .group import NoWorker, Overloaded, QueueTimeout
 
-        self._waiting = waiting = asyncio.ensure_future(self.bridge.acquire())
         try:
+            self._waiting = waiting = self.bridge.request_worker()
             index = await waiting
         except asyncio.CancelledError:
             if self._client_gone:
