@@ -795,3 +795,164 @@ async def test_503_for_a_failed_start_carries_the_recorded_cause(http_server_cli
     body = json.loads(response.body)
     assert "The Flask script 'api.py' was not found." in body["message"]
     assert body["suggestion"] == "Set FLASK_SCRIPT to the path of api_server.py."
+
+
+# --- an answer the child sends before the request body is complete --------------------------
+#
+# As the gateway runs (``python -m tornado_gateway``): GatewayHTTPServer in front, the
+# keep-alive pool behind. The upstream is ``early_answer_server.py``: what waitress does with a
+# body over its ``max_request_body_size`` -- a JSON 413 as soon as the head is read, then a
+# close, with the upload unread (a reset: "rst") or after a FIN, reading and dropping the rest
+# ("fin"). Before the fix a client that kept sending got a 502 (and report_upstream_failure);
+# one that stalled got a 502 ("rst") or the gateway's 408 after body_timeout ("fin").
+
+@pytest.fixture(scope="module")
+def refusing_urls():
+    procs, urls = [], {}
+    try:
+        for mode in ("rst", "fin"):
+            proc, port = start_script("early_answer_server.py", "--port", "0", "--limit",
+                                      str(1 << 20), "--close", mode)
+            procs.append(proc)
+            urls[mode] = "http://127.0.0.1:%d" % port
+        yield urls
+    finally:
+        for proc in procs:
+            stop_script(proc)
+
+
+@pytest.fixture
+def close_mode() -> str:
+    return "rst"
+
+
+@pytest.fixture
+def production_stack(io_loop, refusing_urls, close_mode):
+    """(port, bridge, log records) of a gateway stack in this process, as server.serve()
+    builds it: the pool as upstream client, GatewayHTTPServer, the body stall timeout of
+    60 s. The client configuration is restored afterwards."""
+    import logging
+
+    from tornado.netutil import bind_sockets
+
+    from tornado_gateway.h1server import GatewayHTTPServer
+
+    saved = AsyncHTTPClient._save_configuration()
+    config = GatewayConfig(max_body=256 << 20, proxy_timeout=30000, connect_timeout=2000,
+                           ready_wait=2000, body_timeout=60000)
+    configure_http_client(config, impl="tornado_gateway.pool.KeepAliveHTTPClient")
+    bridge = FakeBridge(refusing_urls[close_mode])
+    app = tornado.web.Application(proxy_routes(bridge, config))
+    server = GatewayHTTPServer(app, body_timeout=config.body_timeout / 1000.0)
+    sockets = bind_sockets(0, "127.0.0.1")
+    io_loop.run_sync(lambda: server.start(sockets))
+
+    records: List[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.ERROR)
+    root = logging.getLogger()
+    root.addHandler(keep)
+    try:
+        yield sockets[0].getsockname()[1], bridge, records
+    finally:
+        root.removeHandler(keep)
+        server.stop()
+        io_loop.run_sync(server.close_all_connections)
+        AsyncHTTPClient._restore_configuration(saved)
+
+
+def _client_upload(port: int, declared: int, send: int, timeout: float = 20.0) -> dict:
+    """A blocking client (run in a thread: the gateway is on this process's loop): sends the
+    head declaring ``declared`` body bytes and ``send`` of them from a second thread while it
+    reads the answer. Returns the answer, when it came, and whether the gateway then closed."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    head = ("POST /api/deepfake/analyze HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            "Content-Length: %d\r\n\r\n" % declared).encode()
+    started = time.monotonic()
+
+    def sender() -> None:
+        piece = b"u" * 65536
+        try:
+            sock.sendall(head)
+            left = send
+            while left > 0:
+                sock.sendall(piece[:left])
+                left -= len(piece)
+        except OSError:
+            pass  # the gateway stopped reading: expected once it answered
+
+    thread = threading.Thread(target=sender, daemon=True)
+    thread.start()
+    data = b""
+    answered = None
+    closed = False
+    try:
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                closed = True
+                break
+            except socket.timeout:
+                break
+            if not chunk:
+                closed = True
+                break
+            data += chunk
+            if answered is None and b"\r\n\r\n" in data:
+                answered = time.monotonic() - started
+    finally:
+        sock.close()
+        thread.join(5)
+    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    return {"status": int(lines[0].split(" ")[1]) if lines[0] else None,
+            "headers": httputil.HTTPHeaders.parse("\r\n".join(lines[1:])),
+            "body": body, "answered": answered, "closed": closed,
+            "ended": time.monotonic() - started}
+
+
+async def _after_refusal_all_is_well(port: int, bridge: FakeBridge, records: list) -> None:
+    assert bridge.failures == []  # no report_upstream_failure: nothing failed
+    assert [r.getMessage() for r in records] == []  # no ERROR line (a 502 logs one)
+    client = SimpleAsyncHTTPClient(force_instance=True)
+    try:
+        response = await client.fetch("http://127.0.0.1:%d/api/deepfake/analyze" % port,
+                                      method="POST", body=b"x" * 1000, raise_error=False)
+    finally:
+        client.close()
+    assert (response.code, response.body) == (200, b'{"received": 1000}')
+
+
+@pytest.mark.parametrize("close_mode", ["rst", "fin"])
+async def test_early_413_reaches_a_client_that_keeps_sending(production_stack):
+    port, bridge, records = production_stack
+    loop = asyncio.get_running_loop()
+    for _ in range(5):
+        got = await loop.run_in_executor(None, _client_upload, port, 60_000_000, 60_000_000)
+        assert got["status"] == 413, got
+        assert json.loads(got["body"])["error"] == "Request Entity Too Large"  # the child's
+        assert got["headers"]["Connection"] == "close"
+        assert got["closed"]
+    assert AsyncHTTPClient().idle_count() == 0  # the refused connections were not pooled
+    await _after_refusal_all_is_well(port, bridge, records)
+
+
+@pytest.mark.parametrize("close_mode", ["rst", "fin"])
+async def test_early_413_reaches_a_stalled_client_at_once(production_stack):
+    """Declares 60 MB, sends 1 MB, stops: the child's 413 arrives at once (measured: a few
+    ms; before the fix, the gateway's 408 after its 60 s body stall timeout), then the
+    gateway closes the connection (after at most its 2 s linger)."""
+    port, bridge, records = production_stack
+    loop = asyncio.get_running_loop()
+    got = await loop.run_in_executor(None, _client_upload, port, 60_000_000, 1 << 20, 15.0)
+    assert got["status"] == 413, got
+    assert json.loads(got["body"])["error"] == "Request Entity Too Large"
+    assert got["headers"]["Connection"] == "close"
+    assert got["answered"] < 10, got
+    assert got["closed"] and got["ended"] < 10, got
+    await _after_refusal_all_is_well(port, bridge, records)

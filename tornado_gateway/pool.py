@@ -54,8 +54,19 @@ with the error: a server that closes a connection just as a request goes out on 
 race no HTTP/1.1 client can win for them, which is why ``idle_timeout`` should stay below
 the server's own keep-alive timeout.
 
-A request whose body is still being produced when the server answers (say, a 413) and
-closes gets that answer if it arrived complete; otherwise the error.
+Answers that come before the request body is sent
+-------------------------------------------------
+The response is read and parsed while the request body is still going out, as it arrives:
+a server may answer early (a 413 to a body over its limit, as waitress does as soon as it
+has read the head) and close. The head reaches the ``header_callback`` and the body the
+``streaming_callback`` at once, while the upload goes on; once that answer is complete it is
+the request's answer, the body producer is cancelled (its ``write`` fails from then on), and
+the connection is closed, never pooled. A complete answer wins over the upload's write
+error: when a write fails (``EPIPE``, reset) before the loop read what the server had
+sent, the bytes still in the socket are read and parsed before the error counts, so the
+answer is delivered if it arrived complete, and the error only if it did not. A connection
+that ends without a complete answer while the producer runs fails the request when the
+producer next writes, or when it ends.
 
 Timeouts
 --------
@@ -70,7 +81,8 @@ asyncio task awaiting it), or let the ``streaming_callback`` / ``header_callback
 raise (or return an awaitable that raises). Both close the upstream socket at once; it is
 never pooled. A raising callback makes the fetch fail with ``HTTPStreamClosedError``
 (599, like the simple client), the callback's exception as ``__cause__``. A body
-producer that raises also closes the socket.
+producer that raises also closes the socket. A body producer still running when its
+exchange ends (an abort, a timeout, an early answer) is cancelled.
 
 Parsed head
 -----------
@@ -581,12 +593,39 @@ class _Upstream(asyncio.Protocol):
             drain.set_exception(StreamClosedError(real_error=exc))
             drain.exception()
         exchange = self.exchange
+        if exchange is not None and exc is not None:
+            self._salvage(exchange)
+            exchange = self.exchange
         if exchange is not None:
             exchange._on_eof(exc)
         else:
             callback, self.on_idle_close = self.on_idle_close, None
             if callback is not None:
                 callback(self)
+
+    def _salvage(self, exchange: "_PooledConnection") -> None:
+        """Hand the exchange what the server sent that the transport never read.
+
+        A failed write (the server answered early and closed: ``EPIPE``, or a reset from it)
+        makes the transport close at once, without reading what is waiting in the socket:
+        typically that very answer, a 413. The socket is still open here (the transport
+        closes it after ``connection_lost``), so it is read now, without blocking, until it
+        is empty, at its end, or failing. Linux keeps received bytes readable after a reset
+        arrives; ``recv`` reports the reset only once they are read.
+        """
+        sock = self.sock
+        if sock is None or self.tls or exchange._done:
+            return
+        taken = 0
+        try:
+            while taken < _SALVAGE_LIMIT and self.exchange is exchange and not exchange._done:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                taken += len(data)
+                exchange._on_data(data)
+        except (BlockingIOError, InterruptedError, OSError):
+            return
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -602,10 +641,13 @@ class _Upstream(asyncio.Protocol):
     def write(self, data: bytes) -> "Future[None]":
         """Send ``data``; the future resolves once the transport's buffer is below its
         high-water mark again (at once when it is): the upload back-pressure."""
-        if self.closed:
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            # A transport that failed (its connection_lost comes on the next loop
+            # iteration) would only count the write and warn "socket.send() raised
+            # exception." for each one past the fifth.
             return _closed_future()
-        assert self.transport is not None
-        self.transport.write(data)
+        transport.write(data)
         if self._write_paused:
             if self._drain is None:
                 self._drain = Future()
@@ -647,9 +689,8 @@ _MAX_CHUNK_LINE = 64
 _MAX_TRAILER = 64 * 1024
 #: Largest piece handed to the streaming callback when decompressing.
 _GZIP_PIECE = 64 * 1024
-#: Response bytes buffered while the request body is still going out; past this the
-#: transport stops reading until the body is sent and the response is parsed.
-_EARLY_BUFFER = 256 * 1024
+#: Most bytes read from a socket whose transport failed (see _Upstream._salvage).
+_SALVAGE_LIMIT = 4 << 20
 
 
 class _Resolved:
@@ -743,11 +784,15 @@ class _PooledConnection:
         self._total = 0
         self._n1xx = 0
         self._got_bytes = False
-        self._parsing = False  # response bytes are parsed (else buffered)
         self._blocked = False  # waiting for the streaming callback's awaitable
         self._eof = False
         self._eof_error: BaseException | None = None
         self._body_sent = False
+        self._continued = False  # the body went out after a 100 (Continue)
+        # The task awaiting the body producer, while it does: cancelled when the exchange
+        # ends first (an early answer, a timeout, an abort). No task of its own per upload.
+        self._producing: asyncio.Task[Any] | None = None
+        self._producer_stopped = False
         self._out_remaining: int | None = None
         self._decompressor: GzipDecompressor | None = None
         self._gzip_pending = b""
@@ -781,6 +826,7 @@ class _PooledConnection:
         self.final_callback = None
         if self.stream is not None:
             self.stream.close()
+        self._stop_producer()
         self._release()
 
     def _on_timeout(self, info: str) -> None:
@@ -792,7 +838,16 @@ class _PooledConnection:
             self.release_callback = None
             release_callback()
 
+    def _stop_producer(self) -> None:
+        """The exchange is over: a body producer still running is cancelled (its writes
+        could only fail; one waiting for data that will never come would wait forever)."""
+        producing, self._producing = self._producing, None
+        if producing is not None and not producing.done():
+            self._producer_stopped = True
+            producing.cancel()
+
     def _run_callback(self, response: HTTPResponse) -> None:
+        self._stop_producer()
         self._release()
         if self._cancel_watch is not None:
             future, watch = self._cancel_watch
@@ -943,10 +998,9 @@ class _PooledConnection:
         self._reset_exchange()
         self._out_remaining = self._length_out
         body = self._body
-        if self._expect_100:
-            conn.write(self._head_bytes)
-            self._parsing = True  # the 100 (or a final answer) comes first
-        elif self._body_producer is not None:
+        if self._expect_100 or self._body_producer is not None:
+            # The body follows (after a 100, or as the producer makes it); any answer that
+            # comes meanwhile is parsed as it arrives.
             conn.write(self._head_bytes)
         else:
             if body:
@@ -958,7 +1012,6 @@ class _PooledConnection:
             else:
                 conn.write(self._head_bytes)
             self._body_sent = True
-            self._parsing = True
 
     async def _connect(self) -> "_Upstream | None":
         req = self._opts
@@ -1104,7 +1157,26 @@ class _PooledConnection:
         elif self._body_producer is not None:
             fut = self._body_producer(self.write)
             if fut is not None:
-                await fut
+                self._producing = asyncio.current_task()
+                try:
+                    await fut
+                except asyncio.CancelledError:
+                    self._producing = None
+                    if not (self._done and self._producer_stopped):
+                        raise
+                    # _stop_producer(): the exchange ended first; nobody else cancelled.
+                    task = asyncio.current_task()
+                    uncancel = getattr(task, "uncancel", None)
+                    if uncancel is not None:
+                        uncancel()
+                    return
+                except Exception:
+                    self._producing = None  # (answered now: nothing left to cancel)
+                    if self._answered_anyway(conn):
+                        return
+                    raise
+                finally:
+                    self._producing = None
         if self._done or conn.exchange is not self:
             return
         if self._out_remaining and not conn.closed:
@@ -1114,17 +1186,27 @@ class _PooledConnection:
             )
         if self._chunking and not conn.closed:
             conn.write(b"0\r\n\r\n")
-        # Even if the server has closed by now, a complete answer it sent first (say, a 413
-        # before closing) is in the buffer: the parser delivers it, or fails on the EOF.
         self._body_sent = True
-        if not self._parsing:
-            self._parsing = True
-            if not conn.closed and conn.transport is not None:
-                conn.transport.resume_reading()
-            self._parse()
+        if self._eof and not self._blocked:
+            self._parse()  # the connection ended while the body went out: now it counts
+
+    def _answered_anyway(self, conn: _Upstream) -> bool:
+        """The body producer failed: has the exchange an outcome anyway (an answer that came
+        complete before the connection failed, or a timeout or abort)?
+
+        A write that fails (the server answered early and closed) closes the transport at
+        once and the producer's next write fails, possibly before ``connection_lost`` has run
+        and read what the socket still holds: that is read now, so a complete answer wins
+        over the write error in any order of events.
+        """
+        transport = conn.transport
+        if (not self._done and conn.exchange is self and not conn.closed
+                and transport is not None and transport.is_closing()):
+            conn._salvage(self)
+        return self._done
 
     def _send_body_after_continue(self) -> None:
-        self._parsing = False
+        self._continued = True
         task = asyncio.ensure_future(self._write_body())
         task.add_done_callback(self._body_task_done)
 
@@ -1142,13 +1224,8 @@ class _PooledConnection:
             return
         self._got_bytes = True
         self._buf += data
-        if self._parsing:
-            if not self._blocked:
-                self._parse()
-        elif len(self._buf) > _EARLY_BUFFER and self.stream is not None:
-            transport = self.stream.transport
-            if transport is not None:
-                transport.pause_reading()
+        if not self._blocked:
+            self._parse()
 
     def _on_eof(self, error: BaseException | None) -> None:
         if self._done or self._eof:
@@ -1174,11 +1251,12 @@ class _PooledConnection:
             self._attempt = 1
             asyncio.ensure_future(self.run()).add_done_callback(_log_run_failure)
             return
-        if self._parsing and not self._blocked:
+        if not self._blocked:
+            # A complete answer was delivered as it arrived; else this fails the exchange
+            # (with the socket error itself when nothing at all came back), or leaves that
+            # to a body producer still running (see _lost_mid_message).
             self._parse()
-        elif not self._parsing and self._body_producer is None:
-            self._finish_error(StreamClosedError(real_error=error))
-        # else: the body producer's next write fails, or the parser sees the end on resume
+        # else: the parser sees the end when the streaming callback's awaitable is done
 
     def _parse(self) -> None:
         try:
@@ -1304,6 +1382,12 @@ class _PooledConnection:
         return f"Response body larger than max_body_size ({self._max_body} bytes)"
 
     def _lost_mid_message(self) -> None:
+        if self._producing is not None:
+            # The connection ended without a complete answer while the body producer runs:
+            # its next write fails (or its end finds the EOF) and that is the outcome, as
+            # it always was; a producer waiting for more body (say, for a stalled client)
+            # keeps its caller's own timeouts in charge.
+            return
         if self._state == _HEAD and not self._got_bytes:
             # Nothing answered at all: the socket error itself, as the simple client.
             self._finish_error(StreamClosedError(real_error=self._eof_error))
@@ -1326,7 +1410,7 @@ class _PooledConnection:
             self._n1xx += 1
             if self._n1xx > _MAX_1XX_RESPONSES:
                 raise httputil.HTTPInputError("Too many 1xx responses")
-            if self._expect_100 and code == 100 and not self._body_sent:
+            if self._expect_100 and code == 100 and not self._continued:
                 self._send_body_after_continue()
                 return
             self._headers_received(start_line, headers)
@@ -1549,6 +1633,7 @@ class _PooledConnection:
                 new_request.headers.pop(name, None)
         new_request.original_request = original
         final_callback, self.final_callback = self.final_callback, None
+        self._stop_producer()
         self._release()
         start = self.start_wall_time
         began = self.start_time
