@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark of the gateway: the Flask child directly vs the Tornado gateway in front of it.
 
-    python bench/bench.py --quick      # < 2 minutes
-    python bench/bench.py              # full run (~5 minutes)
+    python bench/bench.py --quick      # ~4 minutes (the analyze section: 2.5 of them)
+    python bench/bench.py              # full run (~15 minutes, the analyze section: 10)
+    python bench/bench.py --quick --only analyze   # just the analyze section
     python bench/bench.py --profile gateway   # where the gateway's CPU goes (cProfile)
 
 One run measures, interleaving direct and gateway runs so that the machine's noise hits both
@@ -18,8 +19,22 @@ direct run of the same repeat:
   plus the kernel's high-water mark VmHWM);
 * launch to the first successful proxied request vs launch to the child's first answer (both
   polled every 5 ms), and SIGINT (Ctrl+C) to process exit;
-* ``POST /api/deepfake/analyze`` of a realistic 1024x1024 JPEG on the real service
-  (``python/api_server.py``, production mode) directly vs through the gateway.
+* the analyze section: ``POST /api/deepfake/analyze`` of a realistic 1024x1024 JPEG (~260 KB)
+  on the real service (``python/api_server.py``, production, each server with a fresh data
+  directory), with keep-alive clients that each send one request after another for a fixed
+  time after a warm-up (``--_postload``: every status, error and unanswered request counted):
+
+  - phase ``analyze``: req/s, p50 and p99 at 1, 2, 4 and 8 clients of the service alone
+    (``python python/api_server.py --env production``, row "direct"), the gateway with
+    ``--workers 1`` and the gateway with its default workers in production (one per CPU),
+    interleaved per repeat like the rest; the targets are ratios within the run (gateway vs
+    direct at 1 client, gateway at 4 clients vs direct's best, 8 clients vs 2, p99 at 8
+    clients vs (p50 at 1) x 8 / workers);
+  - phase ``limits``: the default workers with each ``--worker-limit`` of ``--worker-limits``
+    at 4 and 8 clients, to choose the per-worker in-flight limit by measurement;
+  - phase ``overload``: 64 clients against the gateway with ``--queue-limit 16``, each sending
+    its next request at once (Retry-After ignored): only 200 and 503 "overloaded" answers,
+    every request answered, and the gateway's RSS (idle, peak, levelling off).
 
 The throughput, transfer and launch figures use ``bench/backend.py`` (Flask on waitress, like the
 service in production, but with cheap routes) as the child, so they measure the gateway. The
@@ -29,7 +44,8 @@ and, when it has the ``--upstream`` setting, once more with each other upstream 
 is "gateway+pool": ``tornado_gateway.pool.KeepAliveHTTPClient`` selected through
 ``AsyncHTTPClient.configure`` before ``main()``. Every process is on 127.0.0.1 with free ports,
 every load run has a fixed duration, and every process started here is stopped by PID at the
-end, also on error or Ctrl+C.
+end, also on error or Ctrl+C. ``--only``/``--skip`` choose phases (launch, tiny, transfers,
+analyze, limits, overload; "analyze" alone names the whole analyze section).
 Results: a table on stdout and ``bench/results/latest.json``.
 """
 from __future__ import annotations
@@ -38,6 +54,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import errno
 import io
 import json
 import os
@@ -76,9 +93,15 @@ CLIENT_BOOT = ("import sys\n"
 
 PROFILES = {
     # duration: seconds per load run; repeats: pairs per load row; big_repeats: 1 GiB pairs per
-    # direction; launches: launch/Ctrl+C trials per gateway; analyze: requests per target
-    "quick": dict(duration=2, repeats=3, big_repeats=1, launches=3, analyze=5, warmup=1),
-    "full": dict(duration=5, repeats=5, big_repeats=3, launches=5, analyze=11, warmup=2),
+    # direction; launches: launch/Ctrl+C trials per gateway; analyze_*: the analyze section's
+    # seconds per load run, repeats, warm-up seconds before each run (same connections), and
+    # seconds of the overload run
+    "quick": dict(duration=2, repeats=3, big_repeats=1, launches=3, warmup=1,
+                  analyze_duration=2, analyze_repeats=3, analyze_warmup=0.5,
+                  overload_duration=5),
+    "full": dict(duration=5, repeats=5, big_repeats=3, launches=5, warmup=2,
+                 analyze_duration=5, analyze_repeats=5, analyze_warmup=1,
+                 overload_duration=10),
 }
 
 TARGETS = {
@@ -87,7 +110,25 @@ TARGETS = {
     "peak_rss_mb": 64.0,    # gateway peak RSS < 64 MB during 1 GiB each way
     "ready_gap_ms": 100.0,  # gateway ready <= 100 ms after the child can answer
     "sigint_exit_ms": 1000.0,  # Ctrl+C to exit < 1 s
+    # analyze, each a ratio within one run: gateway (default workers) vs the service alone at
+    # 1 client; gateway at 4 clients vs the service alone's best at any client count; req/s at
+    # 8 clients vs 2; p99 at 8 clients vs (p50 at 1 client) x 8 / workers
+    "analyze_1_ratio": 0.95,
+    "analyze_4_scaling": 1.7,
+    "analyze_no_collapse": 1.0,
+    "analyze_p99_factor": 3.0,
+    # gateway RSS peak - idle under the overload < this x (clients x request size): holding
+    # every client's whole upload at once would be 1x
+    "overload_rss_uploads": 2.0,
+    # and levelled off: the peak of the run's second half <= the first half's + this
+    "overload_rss_creep_mb": 4.0,
 }
+
+PHASES = ("launch", "tiny", "transfers", "analyze", "limits", "overload")
+# --only/--skip take these names too: the analyze section is three phases
+SECTIONS = {"analyze": ("analyze", "limits", "overload")}
+ANALYZE_CLIENTS = "1,2,4,8"
+SWEEP_CLIENTS = (4, 8)  # the worker-limit sweep: as many clients as 2 workers x 2, and twice
 
 
 # ============================================================================ small helpers
@@ -140,6 +181,16 @@ def cpu_seconds(pids: Dict[str, Optional[int]]) -> Dict[str, float]:
     return out
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine has used so far (all cores; not idle, not
+    waiting for I/O, not stolen by the hypervisor; guest time is inside user time already)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - sum(getattr(t, k, 0.0) for k in ("idle", "iowait", "steal", "guest",
+                                                      "guest_nice"))
+
+
 def vm_hwm_kib(pid: int) -> Optional[int]:
     """The kernel's peak-RSS high-water mark of ``pid`` (Linux), in KiB."""
     try:
@@ -153,9 +204,11 @@ def vm_hwm_kib(pid: int) -> Optional[int]:
 
 
 class RssSampler:
-    """Samples the RSS of some PIDs every ``interval`` s in a thread; keeps each one's peak."""
+    """Samples the RSS of some PIDs every ``interval`` s in a thread; keeps each one's peak
+    (and with ``series``, every sample: (seconds since the start, {name: rss}))."""
 
-    def __init__(self, pids: Dict[str, int], interval: float = 0.05) -> None:
+    def __init__(self, pids: Dict[str, int], interval: float = 0.05,
+                 series: bool = False) -> None:
         import psutil
 
         self._procs = {}
@@ -165,18 +218,24 @@ class RssSampler:
         self.interval = interval
         self.peak: Dict[str, int] = {name: 0 for name in self._procs}
         self.samples = 0
+        self.series: Optional[List[Tuple[float, Dict[str, int]]]] = [] if series else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _run(self) -> None:
+        t0 = time.monotonic()
         while not self._stop.is_set():
+            sample = {}
             for name, proc in self._procs.items():
                 try:
                     rss = proc.memory_info().rss
                 except Exception:
                     continue
+                sample[name] = rss
                 if rss > self.peak[name]:
                     self.peak[name] = rss
+            if self.series is not None:
+                self.series.append((time.monotonic() - t0, sample))
             self.samples += 1
             self._stop.wait(self.interval)
 
@@ -734,15 +793,17 @@ def big_transfers(gateways: List[Gateway], size: int, repeats: int) -> Dict[str,
     return out
 
 
-def make_jpeg(side: int = 1024) -> Tuple[bytes, str]:
-    """A realistic photo as JPEG: skimage's astronaut photo resized to side x side."""
+def make_jpeg(side: int = 1024, quality: int = 95) -> Tuple[bytes, str]:
+    """A realistic photo as JPEG: skimage's astronaut photo resized to side x side. The upscaled
+    photo is smoother than a native one of that size, so it compresses better: quality 95 makes
+    it ~260 KB, inside the 200-400 KB a 1024x1024 photo usually weighs (90: ~180 KB)."""
     from PIL import Image
 
     try:
         from skimage import data as skdata
 
         img = Image.fromarray(skdata.astronaut()).convert("RGB")
-        source = "skimage.data.astronaut (512x512 photo) resized with Lanczos"
+        source = "skimage.data.astronaut (512x512 photo) resized with Lanczos, quality %d" % quality
     except Exception:  # synthetic, photo-like: smooth gradients plus sensor-like noise
         import numpy as np
 
@@ -752,14 +813,25 @@ def make_jpeg(side: int = 1024) -> Tuple[bytes, str]:
                          128 + 80 * np.sin(4 * (x + y))], -1)
         base += rng.normal(0, 12, base.shape)
         img = Image.fromarray(np.clip(base, 0, 255).astype("uint8"))
-        source = "synthetic gradients + noise"
+        source = "synthetic gradients + noise, quality %d" % quality
     img = img.resize((side, side), Image.LANCZOS)
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
+    img.save(buf, "JPEG", quality=quality)
     return buf.getvalue(), source
 
 
+def analyze_request(jpeg: bytes) -> Tuple[bytes, str]:
+    """The multipart/form-data body of an upload of ``jpeg`` as the form field ``file``, and
+    its Content-Type."""
+    boundary = "benchboundary7d1f"
+    body = (("--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo.jpg\"\r\n"
+             "Content-Type: image/jpeg\r\n\r\n" % boundary).encode() + jpeg
+            + ("\r\n--%s--\r\n" % boundary).encode())
+    return body, "multipart/form-data; boundary=%s" % boundary
+
+
 def analyze_once(port: int, body: bytes, content_type: str) -> Dict[str, Any]:
+    """One analyze on a new connection (http.client): status, latency, the service's own time."""
     import http.client
 
     t = time.perf_counter()
@@ -780,52 +852,576 @@ def analyze_once(port: int, body: bytes, content_type: str) -> Dict[str, Any]:
     return {"status": resp.status, "ok": ok, "ms": ms, "service_ms": service_ms}
 
 
-def analyze_phase(procs: Processes, variants: List[Variant], env: Dict[str, str],
-                  runs: int) -> Dict[str, Any]:
-    jpeg, source = make_jpeg()
-    boundary = "benchboundary7d1f"
-    body = (("--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo.jpg\"\r\n"
-             "Content-Type: image/jpeg\r\n\r\n" % boundary).encode() + jpeg
-            + ("\r\n--%s--\r\n" % boundary).encode())
-    ctype = "multipart/form-data; boundary=%s" % boundary
-    out: Dict[str, Any] = {"image": {"source": source, "width": 1024, "height": 1024,
-                                     "jpeg_bytes": len(jpeg), "request_bytes": len(body)},
-                           "runs": {"direct": []}, "ratios": {}, "overhead_ms": {},
-                           "service_launch": {}}
-    gws: List[Gateway] = []
+# ---------------------------------------------------------------- analyze load generator
+
+class _Exchange(asyncio.Protocol):
+    """One keep-alive client connection that keeps everything it receives. A gateway may answer
+    before it has read the upload (503 overloaded, then it closes the connection): that answer
+    must still count even when writing the rest of the body then fails, which asyncio's
+    streams would turn into an exception before the buffered answer could be read."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buf = bytearray()
+        self.closed = False
+        self.error: Optional[BaseException] = None
+        self.transport: Any = None
+        self._waiter: Optional[asyncio.Future] = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        self.error = self.error or exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def more(self) -> None:
+        self._waiter = self.loop.create_future()
+        await self._waiter
+
+
+def parse_answer(buf: bytearray, closed: bool
+                 ) -> Optional[Tuple[int, Dict[str, str], bytes, int]]:
+    """(status, headers, body, bytes used) of the first complete HTTP response in ``buf``;
+    None while incomplete. Content-Length, chunked, or (neither) up to the connection's end."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    start = end + 4
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        if len(buf) - start < n:
+            return None
+        return status, headers, bytes(buf[start:start + n]), start + n
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        pos, body = start, bytearray()
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                return None
+            size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
+            if size == 0:
+                fin = buf.find(b"\r\n\r\n", eol)  # "0\r\n", trailers, then an empty line
+                return None if fin < 0 else (status, headers, bytes(body), fin + 4)
+            if len(buf) < eol + 2 + size + 2:
+                return None
+            body += buf[eol + 2:eol + 2 + size]
+            pos = eol + 2 + size + 2
+    if 100 <= status < 200 or status in (204, 304):
+        return status, headers, b"", start
+    if not closed:
+        return None
+    return status, headers, bytes(buf[start:]), len(buf)
+
+
+async def _read_answer(conn: _Exchange) -> Optional[Tuple[int, Dict[str, str], bytes, int]]:
+    while True:
+        got = parse_answer(conn.buf, conn.closed)
+        if got is not None or conn.closed:
+            return got
+        await conn.more()
+
+
+def _error_kind(exc: Optional[BaseException]) -> str:
+    if exc is None:
+        return "closed before the answer"
+    code = getattr(exc, "errno", None)
+    return type(exc).__name__ + (" " + errno.errorcode.get(code, str(code)) if code else "")
+
+
+async def _post_client(port: int, head: bytes, body: bytes, clock: Dict[str, float],
+                       timeout: float, st: Dict[str, Any]) -> None:
+    """One client: requests one after another on a kept-alive connection (a new one when the
+    server closes it) until ``clock["stop"]``; the request in flight then is finished and
+    counted too (every request sent must be answered), but only answers completed inside
+    [measure, stop] make the figures."""
+    loop = asyncio.get_running_loop()
+    conn: Optional[_Exchange] = None
     try:
-        for v in variants:  # one after the other, so the launches do not compete
-            gw = Gateway(procs, v, SERVICE, env, "service")
-            gws.append(gw)
-            ready = wait_ready(gw, 90)
-            out["service_launch"][v.name] = ready
-            log("real service under %-13s child answers %.0f ms, gateway proxies %.0f ms "
-                "after launch" % (v.name, ready["child_ms"] or -1, ready["gateway_ms"]))
-            for port in (gw.fport, gw.gport):  # warm-up (first request imports, caches)
-                analyze_once(port, body, ctype)
-        for i in range(runs):
-            for gw in gws:
-                d = analyze_once(gw.fport, body, ctype)
-                g = analyze_once(gw.gport, body, ctype)
-                d["child_of"] = gw.variant.name
-                out["runs"]["direct"].append(d)
-                out["runs"].setdefault(gw.variant.name, []).append(g)
-                if d["ok"] and g["ok"]:
-                    out["ratios"].setdefault(gw.variant.name, []).append(g["ms"] / d["ms"])
-                    out["overhead_ms"].setdefault(gw.variant.name, []).append(g["ms"] - d["ms"])
-        log("analyze: %d runs done" % runs)
-        for gw in gws:
-            out["service_launch"][gw.variant.name].update(sigint_exit(procs, gw))
+        while time.monotonic() < clock["stop"]:
+            if conn is None or conn.closed:
+                if conn is not None:
+                    conn.transport.close()
+                try:
+                    _t, conn = await asyncio.wait_for(loop.create_connection(
+                        lambda: _Exchange(loop), HOST, port), timeout)
+                    st["connections"] += 1
+                except (OSError, asyncio.TimeoutError) as exc:
+                    key = "connect: " + _error_kind(exc)
+                    st["conn_errors"][key] = st["conn_errors"].get(key, 0) + 1
+                    conn = None
+                    await asyncio.sleep(0.05)  # do not spin on a refusing port
+                    continue
+            st["sent"] += 1
+            t0 = time.perf_counter()
+            conn.transport.write(head)
+            conn.transport.write(body)
+            try:
+                answer = await asyncio.wait_for(_read_answer(conn), timeout)
+            except asyncio.TimeoutError:
+                st["timeouts"] += 1
+                conn.transport.abort()
+                conn = None
+                continue
+            if answer is None:
+                key = _error_kind(conn.error)
+                st["conn_errors"][key] = st["conn_errors"].get(key, 0) + 1
+                conn = None
+                continue
+            ms = (time.perf_counter() - t0) * 1000.0
+            now = time.monotonic()
+            status, headers, data, used = answer
+            del conn.buf[:used]
+            key = str(status)
+            st["statuses"][key] = st["statuses"].get(key, 0) + 1
+            if conn.error is not None:  # answered, then writing the rest of the body failed
+                st["answered_then_write_failed"] += 1
+            if status == 200:
+                service_ms = None
+                with contextlib.suppress(ValueError, AttributeError):
+                    service_ms = json.loads(data).get("elapsed_ms")
+            else:
+                error = "(no JSON error)"
+                with contextlib.suppress(ValueError, AttributeError):
+                    error = str(json.loads(data).get("error"))
+                st["errors"][error] = st["errors"].get(error, 0) + 1
+                if "retry-after" in headers:
+                    st["retry_after"] += 1
+            if clock["measure"] <= now <= clock["stop"]:
+                st["window_lat"].setdefault(key, []).append(ms)
+                if status == 200 and service_ms is not None:
+                    st["service_ms"].append(service_ms)
+            if headers.get("connection", "").lower() == "close":
+                conn.transport.close()
+                conn = None
     finally:
-        for gw in gws:
-            procs.stop(gw.proc)
-    return out
+        if conn is not None:
+            conn.transport.close()
+
+
+def _pct(sorted_vals: List[float], p: float) -> Optional[float]:
+    if not sorted_vals:
+        return None
+    return sorted_vals[min(len(sorted_vals) - 1, int(p / 100.0 * len(sorted_vals)))]
+
+
+async def _postload(spec: Dict[str, Any]) -> Dict[str, Any]:
+    cpu0 = time.process_time()  # the clients' own CPU, without this process's start-up
+    with open(spec["body_file"], "rb") as f:
+        body = f.read()
+    port = spec["port"]
+    head = ("POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n"
+            % (spec["path"], HOST, port, spec["content_type"], len(body))).encode()
+    st: Dict[str, Any] = {"sent": 0, "connections": 0, "statuses": {}, "errors": {},
+                          "retry_after": 0, "conn_errors": {}, "timeouts": 0,
+                          "answered_then_write_failed": 0, "window_lat": {}, "service_ms": []}
+    start = time.monotonic()
+    clock = {"measure": start + spec["warmup"],
+             "stop": start + spec["warmup"] + spec["duration"]}
+    timeout = spec["timeout"]
+    await asyncio.wait_for(asyncio.gather(*(
+        _post_client(port, head, body, clock, timeout, st) for _ in range(spec["clients"]))),
+        spec["warmup"] + spec["duration"] + timeout + 10)
+    window = clock["stop"] - clock["measure"]
+    client_cpu_s = time.process_time() - cpu0
+    ok = sorted(st["window_lat"].get("200", []))
+    rejected = sorted(st["window_lat"].get("503", []))
+    answered = sum(st["statuses"].values())
+    unanswered = sum(st["conn_errors"].values()) + st["timeouts"]
+    return {
+        "clients": spec["clients"], "warmup_s": spec["warmup"], "duration_s": window,
+        "requests": len(ok), "rps": len(ok) / window,
+        "answers_in_window": sum(len(v) for v in st["window_lat"].values()),
+        "p50_ms": _pct(ok, 50), "p90_ms": _pct(ok, 90), "p99_ms": _pct(ok, 99),
+        "max_ms": ok[-1] if ok else None,
+        "rejected_rps": len(rejected) / window, "rejected_p50_ms": _pct(rejected, 50),
+        "rejected_p99_ms": _pct(rejected, 99),
+        "service_ms_p50": statistics.median(st["service_ms"]) if st["service_ms"] else None,
+        "sent": st["sent"], "answered": answered, "unanswered": unanswered,
+        "statuses": st["statuses"], "errors": st["errors"], "retry_after": st["retry_after"],
+        "conn_errors": st["conn_errors"], "timeouts": st["timeouts"],
+        "connections": st["connections"],
+        "answered_then_write_failed": st["answered_then_write_failed"],
+        "client_cpu_s": client_cpu_s,
+    }
+
+
+def post_load(port: int, body_file: str, content_type: str, clients: int, warmup: float,
+              duration: float, timeout: float = 60.0) -> Dict[str, Any]:
+    """``clients`` keep-alive clients POSTing /api/deepfake/analyze back to back for
+    ``warmup`` + ``duration`` s, in a process of their own (bench.py --_postload) so that
+    this process's threads (the RSS sampler) and its GIL stay out of the clients' way."""
+    spec = {"port": port, "path": "/api/deepfake/analyze", "body_file": body_file,
+            "content_type": content_type, "clients": clients, "warmup": warmup,
+            "duration": duration, "timeout": timeout}
+    argv = [PY, os.path.abspath(__file__), "--_postload", json.dumps(spec)]
+    return json.loads(bounded_output(argv, warmup + duration + timeout + 30))
+
+
+# ---------------------------------------------------------------- analyze targets
+
+def free_port_block(n: int) -> int:
+    """The first of ``n`` consecutive free ports (a gateway's workers listen on FLASK_PORT ..
+    FLASK_PORT+n-1), picked below the kernel's ephemeral range so that no client socket of
+    this benchmark takes one of them between this check and the workers' bind."""
+    import random
+
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    top = max(10000 + n, low - n)
+    for _ in range(500):
+        base = random.randrange(10000, top)
+        try:
+            for i in range(n):
+                with socket.socket() as s:
+                    s.bind((HOST, base + i))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no %d consecutive free ports on %s" % (n, HOST))
+
+
+def detect_dispatch() -> Dict[str, Any]:
+    """The gateway's defaults in production, read from tornado_gateway itself: workers,
+    in-flight limit per worker, queue limit and timeout."""
+    code = ("import json\n"
+            "from tornado_gateway import config\n"
+            "c = config.load_config({}, {'mode': 'production'})\n"
+            "print(json.dumps({'workers': c.flask.worker_count, 'worker_limit': "
+            "getattr(c, 'worker_limit', None), 'queue_limit': getattr(c, 'queue_limit', None), "
+            "'queue_timeout_ms': getattr(c, 'queue_timeout', None)}))\n")
+    out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    try:
+        return json.loads(out.stdout)
+    except ValueError:
+        raise RuntimeError("cannot read the gateway's defaults: %s" % out.stderr.strip()[-500:])
+
+
+class AnalyzeTarget:
+    """A server of POST /api/deepfake/analyze under load, with a fresh data directory of its
+    own (no target sees another's analyses, as on a fresh install): the service alone
+    (``gateway_args`` None: ``python python/api_server.py --env production``, the original
+    design's setup) or ``python -m tornado_gateway --production`` with ``gateway_args`` in
+    front of ``workers`` worker processes."""
+
+    def __init__(self, procs: Processes, name: str, env: Dict[str, str], data_root: str,
+                 workers: int, gateway_args: Optional[List[str]] = None) -> None:
+        self.name = name
+        self.procs = procs
+        self.workers = workers
+        self.is_gateway = gateway_args is not None
+        self.data_dir = tempfile.mkdtemp(prefix=slug(name) + "-", dir=data_root)
+        env = dict(env, DEEPFAKE_DATA_DIR=self.data_dir)
+        self.port = free_port()
+        if gateway_args is None:
+            self.argv = [PY, SERVICE, "--env", "production", "--host", HOST, "--port",
+                         str(self.port)]
+        else:
+            self.fport = free_port_block(workers)
+            self.argv = [PY, "-m", "tornado_gateway", "--host", HOST, "--port", str(self.port),
+                         "--flask-port", str(self.fport), "--flask-script", SERVICE,
+                         "--production"] + list(gateway_args)
+        self.command = " ".join(["python"] + [os.path.relpath(a, ROOT) if a.startswith(ROOT)
+                                              else a for a in self.argv[1:]])
+        self.t_launch = time.monotonic()
+        self.proc = procs.spawn(self.argv, "analyze-%s" % slug(name), env)
+        self.worker_pids: List[int] = []
+        self.ready_ms: Optional[float] = None
+        self.exit_ms: Optional[float] = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def status(self) -> Optional[Dict[str, Any]]:
+        """The gateway's GET /api/gateway/status (None for the service alone)."""
+        if not self.is_gateway:
+            return None
+        code, body = asyncio.run(http_get(self.port, "/api/gateway/status", 5.0))
+        return json.loads(body) if code == 200 else None
+
+    def wait(self, timeout: float = 90.0) -> None:
+        """Until every worker is ready (the gateway's status says so) or the service alone
+        answers; the PIDs of the processes doing the work."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("%s exited (%s) while starting; see bench/results/logs/"
+                                   "analyze-%s.log" % (self.name, self.proc.returncode,
+                                                       slug(self.name)))
+            with contextlib.suppress(OSError, asyncio.TimeoutError, ValueError, IndexError,
+                                     KeyError, TypeError):
+                if self.is_gateway:
+                    service = (self.status() or {})["service"]
+                    workers = service.get("workers") or []
+                    if len(workers) == self.workers and all(
+                            w["state"] == "ready" for w in workers):
+                        self.worker_pids = [w["pid"] for w in workers]
+                        break
+                elif asyncio.run(http_get(self.port, "/api/deepfake/stats", 1.0))[0] == 200:
+                    self.worker_pids = [self.pid]
+                    break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("%s not ready within %.0f s" % (self.name, timeout))
+        self.ready_ms = (time.monotonic() - self.t_launch) * 1000.0
+        self.procs.remember_children(self.proc)
+
+    def cpu_pids(self) -> Dict[str, int]:
+        pids = {"worker %d" % (i + 1): pid for i, pid in enumerate(self.worker_pids)}
+        if self.is_gateway:
+            pids["gateway"] = self.pid
+        return pids
+
+    def stop(self) -> None:
+        """Ctrl+C (SIGINT) and the time to exit: the gateway stops its workers first."""
+        t = time.monotonic()
+        self.procs.stop(self.proc)
+        self.exit_ms = (time.monotonic() - t) * 1000.0
+
+    def describe(self) -> Dict[str, Any]:
+        return {"command": self.command, "workers": self.workers, "pid": self.pid,
+                "worker_pids": self.worker_pids, "ready_ms": self.ready_ms,
+                "exit_ms": self.exit_ms}
+
+
+def measure_analyze(target: AnalyzeTarget, body_file: str, ctype: str, clients: int,
+                    warmup: float, duration: float) -> Dict[str, Any]:
+    """One load run, with the CPU the gateway and the service's processes spent per request
+    (less sensitive to the machine's other load than requests/s)."""
+    pids = target.cpu_pids()
+    before = cpu_seconds(pids)
+    machine = machine_busy_seconds()
+    t0 = time.monotonic()
+    # the gateway's RSS under ordinary load: what the overload's figure compares with
+    with RssSampler({"gateway": target.pid} if target.is_gateway else {}) as sampler:
+        res = post_load(target.port, body_file, ctype, clients, warmup, duration)
+    wall = time.monotonic() - t0
+    after = cpu_seconds(pids)
+    machine_after = machine_busy_seconds()
+    if "gateway" in sampler.peak:
+        res["gateway_peak_rss_mb"] = sampler.peak["gateway"] / MIB
+    answered = res["answered"]
+    if answered:
+        spent = {k: after[k] - before[k] for k in after if k in before}
+        if "gateway" in spent:
+            res["gateway_cpu_us_per_req"] = spent.pop("gateway") / answered * 1e6
+        res["service_cpu_us_per_req"] = sum(spent.values()) / answered * 1e6
+        # the whole run's CPU over its wall time: 2.0 = both cores busy on this machine
+        res["service_cores_busy"] = sum(spent.values()) / wall
+    # beside the service, the gateway and the clients: what else ran on the machine (other
+    # work there makes a run noisier)
+    res["machine_cores_busy"] = (machine_after - machine) / wall
+    return res
+
+
+def start_targets(procs: Processes, specs: List[Tuple[str, int, Optional[List[str]]]],
+                  env: Dict[str, str], data_root: str, body: bytes, body_file: str,
+                  ctype: str, warmup: float, targets: List[AnalyzeTarget]) -> None:
+    """Start each target, one after the other (launches do not compete), wait until ready and
+    warm it up: 4 clients reach every worker (least in flight first), so each has imported
+    and loaded what its first analyze needs before anything is measured. Every target is
+    appended to ``targets`` as soon as it exists, so that the caller stops it whatever
+    happens next."""
+    for name, workers, gateway_args in specs:
+        t = AnalyzeTarget(procs, name, env, data_root, workers, gateway_args)
+        targets.append(t)
+        t.wait()
+        first = analyze_once(t.port, body, ctype)
+        if not first["ok"]:
+            raise RuntimeError("%s answered analyze with %s (is the service being changed? "
+                               "retry later); log in bench/results/logs" % (name, first["status"]))
+        res = post_load(t.port, body_file, ctype, 4, 0, warmup)
+        log("analyze target %-13s ready %.0f ms after launch (pids %s), first analyze %.0f ms, "
+            "warm-up %.1f req/s, statuses %s" % (name, t.ready_ms, t.cpu_pids(), first["ms"],
+                                                res["rps"], res["statuses"]))
+
+
+def load_matrix(targets: List[AnalyzeTarget], clients_list: List[int], repeats: int,
+                warmup: float, duration: float, body_file: str, ctype: str, label: str,
+                runs: Dict[str, Dict[str, List[Dict[str, Any]]]]) -> None:
+    """Interleaved: each repeat runs every target at every client count, the targets in an
+    order that rotates from one repeat to the next; runs[target][clients] gets one result per
+    repeat as soon as it is measured (an interrupted run keeps what it has)."""
+    for t in targets:
+        runs[t.name] = {str(c): [] for c in clients_list}
+    for r in range(repeats):
+        for t in rotation(targets, r):
+            line = "%s rep %d/%d %-13s" % (label, r + 1, repeats, t.name)
+            for c in clients_list:
+                res = measure_analyze(t, body_file, ctype, c, warmup, duration)
+                res["repeat"] = r
+                runs[t.name][str(c)].append(res)
+                bad = res["answered"] - res["statuses"].get("200", 0) + res["unanswered"]
+                line += "  c=%d %5.1f/s p50 %5.0f p99 %5.0f%s" % (
+                    c, res["rps"], res["p50_ms"] or -1, res["p99_ms"] or -1,
+                    " BAD x%d" % bad if bad else "")
+            log(line)
+
+
+def gateway_rss_mb(pid: int) -> Optional[float]:
+    import psutil
+
+    try:
+        return psutil.Process(pid).memory_info().rss / MIB
+    except psutil.Error:
+        return None
+
+
+def overload_run(procs: Processes, env: Dict[str, str], data_root: str, body: bytes,
+                 body_file: str, ctype: str, workers: int, clients: int, queue_limit: int,
+                 warmup: float, duration: float, targets: List[AnalyzeTarget]) -> Dict[str, Any]:
+    """``clients`` clients against a gateway with a queue of ``queue_limit``: more than its
+    workers and queue hold, so some must be refused. Each client sends its next request as
+    soon as it has an answer, ignoring Retry-After (the worst case: the refused come straight
+    back). The gateway's RSS is sampled every 50 ms: idle (after the warm-up), peak during
+    the run, and after it."""
+    name = "overload"
+    start_targets(procs, [(name, workers, ["--queue-limit", str(queue_limit)])], env,
+                  data_root, body, body_file, ctype, warmup, targets)
+    t = targets[-1]
+    time.sleep(1.0)  # let the warm-up's garbage go and the allocator settle
+    idle = []
+    for _ in range(10):
+        idle.append(gateway_rss_mb(t.pid) or 0.0)
+        time.sleep(0.05)
+    before = cpu_seconds(t.cpu_pids())
+    machine = machine_busy_seconds()
+    t0 = time.monotonic()
+    with RssSampler({"gateway": t.pid}, series=True) as sampler:
+        res = post_load(t.port, body_file, ctype, clients, 0, duration)
+    wall = time.monotonic() - t0
+    res["machine_cores_busy"] = (machine_busy_seconds() - machine) / wall
+    after_cpu = cpu_seconds(t.cpu_pids())
+    res["gateway_cpu_s"] = after_cpu.get("gateway", 0) - before.get("gateway", 0)
+    res["service_cpu_s"] = sum(v - before.get(k, v) for k, v in after_cpu.items()
+                               if k != "gateway")
+    # still growing at the end, or levelled off: the peak of each half of the run
+    series = [(ts, smp["gateway"]) for ts, smp in sampler.series or [] if "gateway" in smp]
+    for half, keep in (("first", lambda ts: ts < duration / 2),
+                       ("second", lambda ts: ts >= duration / 2)):
+        res["rss_peak_%s_half_mb" % half] = max(
+            [rss for ts, rss in series if keep(ts)] or [0]) / MIB
+    res["rss_bound_mb"] = TARGETS["overload_rss_uploads"] * clients * len(body) / MIB
+    status = t.status() or {}
+    time.sleep(1.0)
+    res["rss_idle_mb"] = max(idle)
+    res["rss_peak_mb"] = sampler.peak.get("gateway", 0) / MIB
+    res["rss_after_mb"] = gateway_rss_mb(t.pid)
+    res["rss_samples"] = sampler.samples
+    res["queue_limit"] = queue_limit
+    res["dispatch_after"] = status.get("service", {}).get("dispatch")
+    res["served_per_worker"] = [w.get("served") for w in status.get("service", {}).get(
+        "workers", [])]
+    res["after"] = analyze_once(t.port, body, ctype)  # does it still serve, at once?
+    res["target"] = t.describe()
+    t.stop()
+    res["target"]["exit_ms"] = t.exit_ms
+    log("overload: %d clients, queue %d, %.0f s: statuses %s, errors %s, unanswered %d; "
+        "200s %.1f/s p99 %.0f ms; gateway RSS idle %.1f MB, peak %.1f MB, after %.1f MB; "
+        "then one analyze: %s in %.0f ms" % (
+            clients, queue_limit, duration, res["statuses"], res["errors"], res["unanswered"],
+            res["rps"], res["p99_ms"] or -1, res["rss_idle_mb"], res["rss_peak_mb"],
+            res["rss_after_mb"] or -1, res["after"]["status"], res["after"]["ms"]))
+    return res
+
+
+def analyze_section(procs: Processes, env: Dict[str, str], data_root: str, p: Dict[str, Any],
+                    phases: set, clients_list: List[int], limits: List[int],
+                    overload_clients: int, overload_queue: int, out: Dict[str, Any]) -> None:
+    """POST /api/deepfake/analyze on the real service: the service alone vs the gateway with
+    one worker and with its default workers, at several client counts; the gateway's
+    in-flight limit per worker; and an overload. Results go into ``out`` as they come."""
+    jpeg, source = make_jpeg()
+    body, ctype = analyze_request(jpeg)
+    body_file = os.path.join(data_root, "analyze-request.bin")
+    with open(body_file, "wb") as f:
+        f.write(body)
+    defaults = detect_dispatch()
+    workers = defaults["workers"]
+    out.update({
+        "image": {"source": source, "width": 1024, "height": 1024, "jpeg_bytes": len(jpeg),
+                  "request_bytes": len(body)},
+        "defaults": defaults,
+        "params": {k: p[k] for k in ("analyze_duration", "analyze_repeats", "analyze_warmup",
+                                     "overload_duration")},
+    })
+    # after a start: long enough for every worker's first requests (imports, model, caches)
+    warm = max(1.0, 2 * p["analyze_warmup"])
+    for part in ("analyze", "limits"):
+        if part not in phases:
+            continue
+        targets: List[AnalyzeTarget] = []
+        try:
+            if part == "analyze":
+                specs = [("direct", 1, None), ("gw 1 worker", 1, ["--workers", "1"]),
+                         ("gw default", workers, [])]
+                cl = clients_list
+            else:
+                specs = [("limit %d" % n, workers, ["--worker-limit", str(n)]) for n in limits]
+                cl = list(SWEEP_CLIENTS)
+            log("analyze %s: %s at %s clients, %g s runs after %g s warm-up, %d repeats"
+                % (part, ", ".join(s[0] for s in specs), cl, p["analyze_duration"],
+                   p["analyze_warmup"], p["analyze_repeats"]))
+            start_targets(procs, specs, env, data_root, body, body_file, ctype, warm, targets)
+            section = out[part] = {"runs": {}, "targets": {t.name: t.describe() for t in targets},
+                                   "served_per_worker": {}, "clients": cl}
+            if part == "limits":
+                section["limits"] = limits
+            load_matrix(targets, cl, p["analyze_repeats"], p["analyze_warmup"],
+                        p["analyze_duration"], body_file, ctype, part, section["runs"])
+            for t in targets:  # how the gateway spread the work over its workers
+                with contextlib.suppress(Exception):
+                    st = t.status()
+                    if st:
+                        section["served_per_worker"][t.name] = [
+                            w.get("served") for w in st["service"]["workers"]]
+            for t in targets:
+                t.stop()
+            section["targets"] = {t.name: t.describe() for t in targets}
+        finally:
+            for t in targets:
+                procs.stop(t.proc)
+    if "overload" in phases:
+        targets = []
+        try:
+            log("analyze overload: %d clients, --queue-limit %d, %g s"
+                % (overload_clients, overload_queue, p["overload_duration"]))
+            out["overload"] = overload_run(procs, env, data_root, body, body_file, ctype,
+                                           workers, overload_clients, overload_queue, warm,
+                                           p["overload_duration"], targets)
+        finally:
+            for t in targets:
+                procs.stop(t.proc)
 
 
 # ============================================================================ report
 
 def summarize(raw: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
-    s: Dict[str, Any] = {"tiny_get": {}, "transfers": {}, "launch": {}, "analyze": {}}
+    s: Dict[str, Any] = {"tiny_get": {}, "transfers": {}, "launch": {}}
     for conns, block in raw.get("tiny_get", {}).items():
         row = {}
         for target, runs in block["runs"].items():
@@ -881,25 +1477,289 @@ def summarize(raw: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
         }
     for name, stops in raw.get("stop_after_load", {}).items():
         s["launch"].setdefault(name, {})["sigint_exit_after_load_ms"] = stops.get("exit_ms")
-    an = raw.get("analyze")
-    if an:
-        for target, runs in an["runs"].items():
-            good = [r for r in runs if r["ok"]]
-            s["analyze"][target] = {
-                "ms": spread([r["ms"] for r in good]),
-                "service_ms": spread([r["service_ms"] for r in good]),
-                # what the request cost beyond the service's own handler time: transport,
-                # waitress, Flask, and the gateway when there is one (robust to model noise)
-                "outside_handler_ms": spread([r["ms"] - r["service_ms"] for r in good
-                                              if r["service_ms"] is not None]),
-                "failures": len(runs) - len(good)}
-        for target, ratios in an["ratios"].items():
-            s["analyze"][target]["ratio"] = spread(ratios)
-            s["analyze"][target]["overhead_ms"] = spread(an["overhead_ms"][target])
+    if raw.get("analyze"):
+        s["analyze_section"] = summarize_analyze(raw["analyze"])
     return s
 
 
-def check_targets(s: Dict[str, Any], names: List[str]) -> Dict[str, Dict[str, Any]]:
+def _by_repeat(runs: List[Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
+    return {r["repeat"]: r for r in runs}
+
+
+def _run_row(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {"rps": spread([r["rps"] for r in runs]),
+            "p50_ms": spread([r["p50_ms"] for r in runs]),
+            "p99_ms": spread([r["p99_ms"] for r in runs]),
+            "service_ms": spread([r.get("service_ms_p50") for r in runs]),
+            "gateway_cpu_us_per_req": spread([r.get("gateway_cpu_us_per_req") for r in runs]),
+            "service_cpu_us_per_req": spread([r.get("service_cpu_us_per_req") for r in runs]),
+            "cores_busy": spread([r.get("service_cores_busy") for r in runs]),
+            "machine_busy": spread([r.get("machine_cores_busy") for r in runs]),
+            "gateway_peak_rss_mb": spread([r.get("gateway_peak_rss_mb") for r in runs]),
+            # every answer but a 200, and every request left unanswered
+            "bad": sum(r["answered"] - r["statuses"].get("200", 0) + r["unanswered"]
+                       for r in runs)}
+
+
+def _paired(a: List[Dict[str, Any]], b: List[Dict[str, Any]],
+            f: Callable[[Dict[str, Any], Dict[str, Any]], Optional[float]]) -> List[float]:
+    """f(a's run, b's run) for every repeat both have (ratios of the same repeat)."""
+    bb = _by_repeat(b)
+    out = []
+    for r, x in sorted(_by_repeat(a).items()):
+        if r in bb:
+            with contextlib.suppress(TypeError, ZeroDivisionError):
+                v = f(x, bb[r])
+                if v is not None:
+                    out.append(v)
+    return out
+
+
+def summarize_analyze(an: Dict[str, Any]) -> Dict[str, Any]:
+    s: Dict[str, Any] = {}
+    main = an.get("analyze")
+    if main:
+        runs = main["runs"]
+        direct = runs.get("direct", {})
+        rows: Dict[str, Dict[str, Any]] = {}
+        derived: Dict[str, Dict[str, Any]] = {}
+        for name, by_c in runs.items():
+            rows[name] = {}
+            for c, rs in by_c.items():
+                row = _run_row(rs)
+                if name != "direct" and c in direct:
+                    row["rps_ratio"] = spread(_paired(rs, direct[c],
+                                                      lambda g, d: g["rps"] / d["rps"]))
+                rows[name][c] = row
+            workers = main["targets"][name]["workers"]
+            d: Dict[str, Any] = {"workers": workers}
+            peaks = [r["gateway_peak_rss_mb"] for rs in by_c.values() for r in rs
+                     if r.get("gateway_peak_rss_mb")]
+            d["gateway_peak_rss_mb"] = max(peaks) if peaks else None
+            # the service alone's best throughput of each repeat, at whichever client count
+            best = {}
+            for rs in direct.values():
+                for r in rs:
+                    best[r["repeat"]] = max(best.get(r["repeat"], 0.0), r["rps"])
+            d["rps_vs_direct_best"] = {c: spread([r["rps"] / best[r["repeat"]] for r in rs
+                                                  if best.get(r["repeat"])])
+                                       for c, rs in by_c.items()}
+            if "8" in by_c and "2" in by_c:
+                d["rps_8_over_2"] = spread(_paired(by_c["8"], by_c["2"],
+                                                   lambda a, b: a["rps"] / b["rps"]))
+            if "8" in by_c and "1" in by_c:
+                # p99 at 8 clients against 8/workers requests' worth of queueing per worker
+                # at the 1-client p50: below 3x that, the wait is about the work ahead of
+                # a request, not a collapse
+                d["p99_8_bound_ms"] = spread(_paired(by_c["8"], by_c["1"],
+                                                     lambda a, b: b["p50_ms"] * 8 / workers))
+                d["p99_8_over_bound"] = spread(_paired(
+                    by_c["8"], by_c["1"], lambda a, b: a["p99_ms"] / (b["p50_ms"] * 8 / workers)))
+            derived[name] = d
+        s["analyze"] = {"rows": rows, "derived": derived}
+    lim = an.get("limits")
+    if lim:
+        shipped = "limit %s" % an["defaults"].get("worker_limit")
+        rows = {}
+        for name, by_c in lim["runs"].items():
+            rows[name] = {}
+            for c, rs in by_c.items():
+                row = _run_row(rs)
+                if name != shipped and shipped in lim["runs"]:
+                    row["rps_ratio"] = spread(_paired(rs, lim["runs"][shipped][c],
+                                                      lambda a, b: a["rps"] / b["rps"]))
+                rows[name][c] = row
+        s["limits"] = {"rows": rows, "shipped": shipped}
+    return s
+
+
+def check_analyze_targets(an: Dict[str, Any], sa: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The analyze targets, each a ratio within this one run (median over repeats of the ratio
+    of each repeat), with the figures behind it."""
+    t: Dict[str, Dict[str, Any]] = {}
+
+    def put(key: str, value: Optional[float], ok: Optional[bool], goal: str,
+            detail: str = "") -> None:
+        t[key] = {"value": value, "met": ok, "goal": goal, "detail": detail}
+
+    def med(x: Optional[Dict[str, float]]) -> Optional[float]:
+        return x["median"] if x else None
+
+    main = sa.get("analyze")
+    if main:
+        rows, derived = main["rows"], main["derived"]
+        gw = rows.get("gw default", {})
+        r1 = gw.get("1", {}).get("rps_ratio")
+        v = med(r1)
+        put("gw default c=1 vs direct", v, None if v is None else v >= TARGETS["analyze_1_ratio"],
+            "gateway (default workers) >= %.2fx direct req/s at 1 client"
+            % TARGETS["analyze_1_ratio"],
+            "%s vs %s req/s; ratio %s" % (
+                fmt_spread(gw.get("1", {}).get("rps"), "%.1f"),
+                fmt_spread(rows.get("direct", {}).get("1", {}).get("rps"), "%.1f"),
+                fmt_spread(r1, "%.3f")))
+        sc = derived.get("gw default", {}).get("rps_vs_direct_best", {}).get("4")
+        v = med(sc)
+        put("gw default c=4 scaling", v, None if v is None else v >= TARGETS["analyze_4_scaling"],
+            "gateway (default workers) at 4 clients >= %.1fx the service alone's best req/s"
+            % TARGETS["analyze_4_scaling"],
+            "%s req/s vs direct's best per repeat; ratio %s" % (
+                fmt_spread(gw.get("4", {}).get("rps"), "%.1f"), fmt_spread(sc, "%.2f")))
+        for name in ("gw 1 worker", "gw default"):
+            d = derived.get(name)
+            if not d:
+                continue
+            r = d.get("rps_8_over_2")
+            v = med(r)
+            put("%s no collapse" % name, v,
+                None if v is None else v >= TARGETS["analyze_no_collapse"],
+                "%s: req/s at 8 clients >= %.1fx req/s at 2" % (name,
+                                                                 TARGETS["analyze_no_collapse"]),
+                "%s vs %s req/s; ratio %s" % (
+                    fmt_spread(rows[name].get("8", {}).get("rps"), "%.1f"),
+                    fmt_spread(rows[name].get("2", {}).get("rps"), "%.1f"),
+                    fmt_spread(r, "%.2f")))
+            r = d.get("p99_8_over_bound")
+            v = med(r)
+            put("%s p99 at 8" % name, v,
+                None if v is None else v < TARGETS["analyze_p99_factor"],
+                "%s: p99 at 8 clients < %.0fx (p50 at 1 client) x 8 / %d workers"
+                % (name, TARGETS["analyze_p99_factor"], d["workers"]),
+                "p99 %s ms, (p50 at 1) x 8/%d = %s ms; ratio %s" % (
+                    fmt_spread(rows[name].get("8", {}).get("p99_ms")), d["workers"],
+                    fmt_spread(d.get("p99_8_bound_ms")), fmt_spread(r, "%.2f")))
+    ov = an.get("overload")
+    if ov:
+        statuses = dict(ov["statuses"])
+        ok200 = statuses.pop("200", 0)
+        n503 = statuses.pop("503", 0)
+        overloaded = ov["errors"].get("overloaded", 0)
+        other = sum(statuses.values()) + (n503 - overloaded)
+        put("overload statuses", other, other == 0,
+            "overload: only 200 and 503 \"overloaded\" answers",
+            "200 x %d, 503 x %d (\"overloaded\" x %d), other %s" % (
+                ok200, n503, overloaded, statuses or 0))
+        put("overload answered", ov["unanswered"], ov["unanswered"] == 0,
+            "overload: every request answered",
+            "%d sent, %d answered; connection errors %s, timeouts %d" % (
+                ov["sent"], ov["answered"], ov["conn_errors"] or 0, ov["timeouts"]))
+        growth = ov["rss_peak_mb"] - ov["rss_idle_mb"]
+        put("overload gateway RSS", growth, growth < ov["rss_bound_mb"],
+            "overload: gateway RSS peak - idle < %.1f MB (%gx %d clients x %d KB)" % (
+                ov["rss_bound_mb"], TARGETS["overload_rss_uploads"], ov["clients"],
+                an["image"]["request_bytes"] // 1024),
+            "idle %.1f MB, peak %.1f MB, 1 s after %s MB" % (
+                ov["rss_idle_mb"], ov["rss_peak_mb"], _num(ov.get("rss_after_mb"), "%.1f")))
+        creep = ov["rss_peak_second_half_mb"] - ov["rss_peak_first_half_mb"]
+        put("overload RSS levels off", creep, creep <= TARGETS["overload_rss_creep_mb"],
+            "overload: gateway RSS peak of the 2nd half <= the 1st half's + %.0f MB"
+            % TARGETS["overload_rss_creep_mb"],
+            "first half %.1f MB, second half %.1f MB" % (ov["rss_peak_first_half_mb"],
+                                                         ov["rss_peak_second_half_mb"]))
+    return t
+
+
+def print_analyze(result: Dict[str, Any]) -> None:
+    an = result["analyze"]
+    sa = result["summary"].get("analyze_section", {})
+    w = sys.stdout.write
+    img, prm, dflt = an["image"], an["params"], an["defaults"]
+    w("\n-- POST /api/deepfake/analyze on the real service (production), %dx%d JPEG of %d KB "
+      "(%s); keep-alive clients, each sending its next request when answered; %g s runs after "
+      "%g s warm-up, %d repeats interleaved --\n" % (
+          img["width"], img["height"], img["jpeg_bytes"] // 1024, img["source"],
+          prm["analyze_duration"], prm["analyze_warmup"], prm["analyze_repeats"]))
+    w("gateway defaults in production here: %s workers, --worker-limit %s, --queue-limit %s, "
+      "--queue-timeout %s ms\n" % (dflt["workers"], dflt["worker_limit"], dflt["queue_limit"],
+                                  dflt["queue_timeout_ms"]))
+    head = "%-7s %-13s %-19s %-19s %-19s %-19s %-7s %-7s %-8s %-5s %-7s %s\n"
+    cols = ("clients", "target", "req/s", "p50 ms", "p99 ms", "ratio", "svc ms", "gw us/r",
+            "svc us/r", "cores", "machine", "bad")
+
+    def table(section: Dict[str, Any], rows: Dict[str, Any], order: List[str]) -> None:
+        w(head % cols)
+        for c in section["clients"]:
+            for name in order:
+                r = rows.get(name, {}).get(str(c))
+                if not r:
+                    continue
+                w(head % (c, name, fmt_spread(r["rps"], "%.1f"), fmt_spread(r["p50_ms"]),
+                          fmt_spread(r["p99_ms"]), fmt_spread(r.get("rps_ratio"), "%.2f"),
+                          _num(r["service_ms"]["median"] if r["service_ms"] else None),
+                          _num(r["gateway_cpu_us_per_req"]["median"]
+                               if r["gateway_cpu_us_per_req"] else None),
+                          _num(r["service_cpu_us_per_req"]["median"]
+                               if r["service_cpu_us_per_req"] else None),
+                          _num(r["cores_busy"]["median"] if r["cores_busy"] else None, "%.2f"),
+                          _num(r["machine_busy"]["median"] if r["machine_busy"] else None,
+                               "%.2f"), r["bad"]))
+
+    def commands(section: Dict[str, Any]) -> None:
+        for name, t in section["targets"].items():
+            served = section.get("served_per_worker", {}).get(name)
+            w("  %-13s %s  [%d worker%s%s; ready %s ms after launch, Ctrl+C -> exit %s ms]\n" % (
+                name, t["command"], t["workers"], "" if t["workers"] == 1 else "s",
+                ", served per worker %s" % served if served else "", _num(t["ready_ms"]),
+                _num(t["exit_ms"])))
+
+    main = an.get("analyze")
+    if main and sa.get("analyze"):
+        commands(main)
+        w("(ratio: vs direct at the same clients, same repeat; svc ms: the service's own time "
+          "per analyze, median; gw/svc us/r: CPU per request of the gateway / of the service's "
+          "processes; cores: the service's CPU over the run's wall time, machine: every "
+          "process's, all medians; bad: non-200 answers + unanswered)\n")
+        table(main, sa["analyze"]["rows"], ["direct", "gw 1 worker", "gw default"])
+        for name, d in sa["analyze"]["derived"].items():
+            vs = d.get("rps_vs_direct_best", {})
+            w("  %-13s req/s / direct's best of the repeat: %s; req/s 8 vs 2 clients: %s; "
+              "p99 at 8 / ((p50 at 1) x 8 / %d): %s%s\n" % (
+                  name, ", ".join("c=%s %s" % (c, fmt_spread(v, "%.2f")) for c, v in vs.items()),
+                  fmt_spread(d.get("rps_8_over_2"), "%.2f"), d["workers"],
+                  fmt_spread(d.get("p99_8_over_bound"), "%.2f"),
+                  "; gateway peak RSS %.1f MB" % d["gateway_peak_rss_mb"]
+                  if d.get("gateway_peak_rss_mb") else ""))
+    lim = an.get("limits")
+    if lim and sa.get("limits"):
+        w("\n-- in-flight limit per worker (--worker-limit) with %s workers, %g s runs, %d "
+          "repeats interleaved; ratio: req/s vs %s (the shipped default) of the same repeat --\n"
+          % (dflt["workers"], prm["analyze_duration"], prm["analyze_repeats"],
+             sa["limits"]["shipped"]))
+        commands(lim)
+        table(lim, sa["limits"]["rows"], list(lim["runs"]))
+    ov = an.get("overload")
+    if ov:
+        w("\n-- overload: %d clients against the gateway with --queue-limit %d (%s workers, "
+          "--worker-limit %s), %g s; each client sends its next request as soon as it has an "
+          "answer (Retry-After ignored) --\n" % (
+              ov["clients"], ov["queue_limit"], ov["target"]["workers"],
+              (ov.get("dispatch_after") or {}).get("worker_limit", "?"), ov["duration_s"]))
+        w("  %s\n" % ov["target"]["command"])
+        w("answers: %s; errors: %s; with Retry-After: %d; unanswered: %d (connection errors %s, "
+          "timeouts %d); %d connections opened; answered then the rest of the upload refused: "
+          "%d\n" % (ov["statuses"], ov["errors"], ov["retry_after"], ov["unanswered"],
+                    ov["conn_errors"] or 0, ov["timeouts"], ov["connections"],
+                    ov["answered_then_write_failed"]))
+        w("200s: %.1f req/s, p50 %s ms, p99 %s ms, max %s ms; 503s: %.1f/s, p50 %s ms, p99 %s ms\n"
+          % (ov["rps"], _num(ov["p50_ms"]), _num(ov["p99_ms"]), _num(ov["max_ms"]),
+             ov["rejected_rps"], _num(ov["rejected_p50_ms"], "%.1f"),
+             _num(ov["rejected_p99_ms"], "%.1f")))
+        w("gateway RSS: idle %.1f MB, peak %.1f MB (+%.1f MB; peak of the first half %.1f MB, "
+          "of the second %.1f MB; %d samples every 50 ms), 1 s after %s MB\n" % (
+              ov["rss_idle_mb"], ov["rss_peak_mb"], ov["rss_peak_mb"] - ov["rss_idle_mb"],
+              ov["rss_peak_first_half_mb"], ov["rss_peak_second_half_mb"], ov["rss_samples"],
+              _num(ov["rss_after_mb"], "%.1f")))
+        w("CPU: gateway %.1f s, workers %.1f s, clients %.1f s; machine %.2f cores busy; served "
+          "per worker %s; dispatch after: %s; then one analyze: %s in %.0f ms\n" % (
+              ov["gateway_cpu_s"], ov["service_cpu_s"], ov["client_cpu_s"],
+              ov["machine_cores_busy"], ov["served_per_worker"], ov["dispatch_after"],
+              ov["after"]["status"], ov["after"]["ms"]))
+
+
+def check_targets(s: Dict[str, Any], names: List[str],
+                  analyze: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
+    """Each gateway's targets of the phases that ran (a phase skipped has no figures to judge),
+    then the analyze section's."""
     res: Dict[str, Dict[str, Any]] = {}
     for name in names:
         t: Dict[str, Any] = {}
@@ -907,21 +1767,27 @@ def check_targets(s: Dict[str, Any], names: List[str]) -> Dict[str, Dict[str, An
         def put(key: str, value: Optional[float], ok: Optional[bool], goal: str) -> None:
             t[key] = {"value": value, "met": ok, "goal": goal}
 
-        for conns, key, goal in (("32", "tiny_32_ratio", ">= %.1fx direct req/s at 32 conns (median)"),
-                                 ("1", "tiny_1_ratio", ">= %.1fx direct req/s at 1 conn (median)")):
+        tiny = (("32", "tiny_32_ratio", ">= %.1fx direct req/s at 32 conns (median)"),
+                ("1", "tiny_1_ratio", ">= %.1fx direct req/s at 1 conn (median)"))
+        for conns, key, goal in tiny if s["tiny_get"] else ():
             r = s["tiny_get"].get(conns, {}).get(name, {}).get("rps_ratio")
             v = r["median"] if r else None
             put(key, v, None if v is None else v >= TARGETS[key], goal % TARGETS[key])
         peaks = []
-        for direction in ("upload", "download"):
+        for direction in ("upload", "download") if s["transfers"] else ():
             row = s["transfers"].get(direction, {}).get(name)
             if row and row["gateway_peak_rss_mb"]:
                 peaks.append(row["gateway_peak_rss_mb"]["max"])
             if row and row.get("gateway_vmhwm_mb"):
                 peaks.append(row["gateway_vmhwm_mb"]["max"])
         v = max(peaks) if peaks else None
-        put("peak_rss_mb", v, None if v is None else v < TARGETS["peak_rss_mb"],
-            "< %.0f MB gateway peak RSS, 1 GiB each way (max)" % TARGETS["peak_rss_mb"])
+        if s["transfers"]:
+            put("peak_rss_mb", v, None if v is None else v < TARGETS["peak_rss_mb"],
+                "< %.0f MB gateway peak RSS, 1 GiB each way (max)" % TARGETS["peak_rss_mb"])
+        if not s["launch"]:
+            if t:
+                res[name] = t
+            continue
         la = s["launch"].get(name, {})
         g = la.get("gap_ms")
         v = g["max"] if g else None
@@ -933,6 +1799,8 @@ def check_targets(s: Dict[str, Any], names: List[str]) -> Dict[str, Dict[str, An
         put("sigint_exit_ms", v, None if v is None else v < TARGETS["sigint_exit_ms"],
             "Ctrl+C to exit < %.0f ms (max)" % TARGETS["sigint_exit_ms"])
         res[name] = t
+    if analyze:
+        res["analyze"] = check_analyze_targets(analyze, s.get("analyze_section", {}))
     return res
 
 
@@ -952,32 +1820,33 @@ def print_report(result: Dict[str, Any]) -> None:
     for name in names:
         w("  %-13s %s\n" % (name, result["variants"][name]))
 
-    w("\n-- tiny GET /api/deepfake/tiny, %d s per run, %d repeats --\n"
-      % (result["params"]["duration"], result["params"]["repeats"]))
-    kept = result.get("upstream_keepalive_after_warmup")
-    if kept:
-        w("gateway->child connections left open after the warm-up (keep-alive): %s\n"
-          % ", ".join("%s %s" % kv for kv in kept.items()))
-    w("%-6s %-13s %-20s %-20s %-23s %-18s %-15s %-15s %s\n" % (
-        "conns", "target", "requests/s", "p50 ms", "p99 ms", "ratio vs direct",
-        "gw CPU us/req", "child CPU us/req", "errors"))
-    for conns, row in s["tiny_get"].items():
-        for target in ["direct"] + names + [Reference.name]:
-            if target not in row:
-                continue
-            r = row[target]
-            gcpu, ccpu = r["gateway_cpu_us_per_req"], r["child_cpu_us_per_req"]
-            w("%-6s %-13s %-20s %-20s %-23s %-18s %-15s %-15s %d\n" % (
-                conns, target, fmt_spread(r["rps"]), fmt_spread(r["p50_ms"], "%.2f"),
-                fmt_spread(r["p99_ms"], "%.1f"), fmt_spread(r.get("rps_ratio"), "%.2f"),
-                "%.0f" % gcpu["median"] if gcpu and target != "direct" else "-",
-                "%.0f" % ccpu["median"] if ccpu else "-", r["errors"]))
-    for conns, row in s["tiny_get"].items():
-        ceiling = row.get(Reference.name, {}).get("gateway_ratio_ceiling")
-        if ceiling is not None:
-            w("c=%s: a request through a gateway on this server and RequestHandler takes at "
-              "least the direct time plus the bare handler's (%s): at most %.2fx direct\n"
-              % (conns, Reference.name, ceiling))
+    if s["tiny_get"]:
+        w("\n-- tiny GET /api/deepfake/tiny, %d s per run, %d repeats --\n"
+          % (result["params"]["duration"], result["params"]["repeats"]))
+        kept = result.get("upstream_keepalive_after_warmup")
+        if kept:
+            w("gateway->child connections left open after the warm-up (keep-alive): %s\n"
+              % ", ".join("%s %s" % kv for kv in kept.items()))
+        w("%-6s %-13s %-20s %-20s %-23s %-18s %-15s %-15s %s\n" % (
+            "conns", "target", "requests/s", "p50 ms", "p99 ms", "ratio vs direct",
+            "gw CPU us/req", "child CPU us/req", "errors"))
+        for conns, row in s["tiny_get"].items():
+            for target in ["direct"] + names + [Reference.name]:
+                if target not in row:
+                    continue
+                r = row[target]
+                gcpu, ccpu = r["gateway_cpu_us_per_req"], r["child_cpu_us_per_req"]
+                w("%-6s %-13s %-20s %-20s %-23s %-18s %-15s %-15s %d\n" % (
+                    conns, target, fmt_spread(r["rps"]), fmt_spread(r["p50_ms"], "%.2f"),
+                    fmt_spread(r["p99_ms"], "%.1f"), fmt_spread(r.get("rps_ratio"), "%.2f"),
+                    "%.0f" % gcpu["median"] if gcpu and target != "direct" else "-",
+                    "%.0f" % ccpu["median"] if ccpu else "-", r["errors"]))
+        for conns, row in s["tiny_get"].items():
+            ceiling = row.get(Reference.name, {}).get("gateway_ratio_ceiling")
+            if ceiling is not None:
+                w("c=%s: a request through a gateway on this server and RequestHandler takes at "
+                  "least the direct time plus the bare handler's (%s): at most %.2fx direct\n"
+                  % (conns, Reference.name, ceiling))
 
     if s["transfers"]:
         w("\n-- %.0f MiB streamed each way, %d repeats --\n"
@@ -1022,35 +1891,17 @@ def print_report(result: Dict[str, Any]) -> None:
                 w("  !! %d non-zero exits, %d children left running\n"
                   % (la.get("nonzero_exits", 0), la.get("child_left_running", 0)))
 
-    if s["analyze"]:
-        img = result["analyze"]["image"]
-        w("\n-- POST /api/deepfake/analyze, real service (production), %dx%d JPEG %d KB (%s), "
-          "%d runs --\n" % (img["width"], img["height"], img["jpeg_bytes"] // 1024,
-                            img["source"], result["params"]["analyze"]))
-        w("%-13s %-22s %-22s %-22s %-22s %s\n" % (
-            "target", "latency ms", "service's own ms", "outside handler ms",
-            "ratio vs direct", "gw - direct ms"))
-        for target in ["direct"] + names:
-            r = s["analyze"].get(target)
-            if not r:
-                continue
-            w("%-13s %-22s %-22s %-22s %-22s %s\n" % (
-                target, fmt_spread(r["ms"], "%.1f"), fmt_spread(r["service_ms"], "%.1f"),
-                fmt_spread(r["outside_handler_ms"], "%.1f"), fmt_spread(r.get("ratio"), "%.3f"),
-                fmt_spread(r.get("overhead_ms"), "%.1f")))
-        for name, la in result["analyze"].get("service_launch", {}).items():
-            w("%-13s launch with the real service: gateway listening %s ms, child answers %s "
-              "ms, gateway proxies %s ms (gap %s ms); Ctrl+C -> exit %s ms\n" % (
-                  name, _num(la.get("gateway_listening_ms")), _num(la.get("child_ms")),
-                  _num(la.get("gateway_ms")), _num(la.get("gap_ms")), _num(la.get("exit_ms"))))
+    if result.get("analyze"):
+        print_analyze(result)
 
     w("\n-- targets --\n")
     for name, checks in result["targets"].items():
         for key, c in checks.items():
-            mark = "n/a " if c["met"] is None else ("MET " if c["met"] else "MISS")
+            mark = "n/a " if c["met"] is None else ("PASS" if c["met"] else "FAIL")
             v = c["value"]
-            w("%-13s %s %-55s value %s\n" % (name, mark, c["goal"],
-                                             "-" if v is None else "%.2f" % v))
+            w("%-13s %s %-55s value %s%s\n" % (name, mark, c["goal"],
+                                               "-" if v is None else "%.2f" % v,
+                                               "  (%s)" % c["detail"] if c.get("detail") else ""))
     for note in result.get("notes", []):
         w("note: %s\n" % note)
     w("\nJSON: %s   (elapsed %.0f s)\n" % (result["json_path"], result["elapsed_s"]))
@@ -1212,12 +2063,22 @@ def detect_client(preselect: Optional[str]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short runs, < 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="short runs (~4 minutes; "
+                        "--only analyze: 2.5)")
     parser.add_argument("--duration", type=int, help="seconds per load run")
     parser.add_argument("--repeats", type=int, help="interleaved repeats per tiny-GET row")
     parser.add_argument("--big-repeats", type=int, help="interleaved repeats per 1 GiB direction")
     parser.add_argument("--launches", type=int, help="launch/Ctrl+C trials per gateway")
-    parser.add_argument("--analyze-runs", type=int, help="analyze requests per target")
+    parser.add_argument("--analyze-duration", type=float, help="seconds per analyze load run")
+    parser.add_argument("--analyze-repeats", type=int, help="interleaved repeats of analyze runs")
+    parser.add_argument("--analyze-clients", default=ANALYZE_CLIENTS,
+                        help="client counts of the analyze runs (default %s)" % ANALYZE_CLIENTS)
+    parser.add_argument("--worker-limits", default="1,2,3",
+                        help="--worker-limit values the limits phase compares (default 1,2,3)")
+    parser.add_argument("--overload-clients", type=int, default=64)
+    parser.add_argument("--overload-duration", type=float, help="seconds of the overload run")
+    parser.add_argument("--overload-queue", type=int, default=16,
+                        help="--queue-limit of the gateway under overload (default 16)")
     parser.add_argument("--size", default=str(GIB), help="bytes each way (default 1 GiB)")
     parser.add_argument("--connections", default="1,32")
     parser.add_argument("--load", choices=("auto", "wrk", "asyncio"), default="auto")
@@ -1225,30 +2086,52 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="measure only the gateway as shipped (not its other upstream "
                              "client too)")
     parser.add_argument("--skip", default="",
-                        help="comma list of phases to skip: launch,tiny,transfers,analyze")
+                        help="comma list of phases to skip: %s; analyze = the whole analyze "
+                             "section (analyze,limits,overload)" % ",".join(PHASES))
+    parser.add_argument("--only", default="",
+                        help="comma list of the only phases to run (names as --skip), e.g. "
+                             "--only analyze")
     parser.add_argument("--json", default=os.path.join(RESULTS_DIR, "latest.json"))
     parser.add_argument("--profile", metavar="GATEWAY",
                         help="instead of the benchmark: run this gateway under cProfile during "
                              "a tiny-GET load at the highest --connections for --duration s "
                              "(default 5) and print where its time goes")
     parser.add_argument("--_loadgen", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--_postload", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._loadgen:
         port, path, conns, duration = args._loadgen
         print(json.dumps(asyncio.run(_loadgen(int(port), path, int(conns), float(duration)))))
         return 0
+    if args._postload:
+        print(json.dumps(asyncio.run(_postload(json.loads(args._postload)))))
+        return 0
 
     profile = "quick" if args.quick else "full"
     p = dict(PROFILES[profile])
     for key, val in (("duration", args.duration), ("repeats", args.repeats),
                      ("big_repeats", args.big_repeats), ("launches", args.launches),
-                     ("analyze", args.analyze_runs)):
+                     ("analyze_duration", args.analyze_duration),
+                     ("analyze_repeats", args.analyze_repeats),
+                     ("overload_duration", args.overload_duration)):
         if val is not None:
             p[key] = val
     size = int(args.size)
     conns_list = [int(c) for c in args.connections.split(",") if c.strip()]
-    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+
+    def phase_set(text: str) -> set:
+        out = set()
+        for x in (x.strip() for x in text.split(",") if x.strip()):
+            if x not in PHASES:
+                parser.error("unknown phase %r (phases: %s)" % (x, ", ".join(PHASES)))
+            out.update(SECTIONS.get(x, (x,)))
+        return out
+    skip = phase_set(args.skip)
+    if args.only:
+        skip |= set(PHASES) - phase_set(args.only)
+    analyze_clients = [int(c) for c in args.analyze_clients.split(",") if c.strip()]
+    worker_limits = [int(c) for c in args.worker_limits.split(",") if c.strip()]
 
     if args.load == "wrk" or (args.load == "auto" and shutil.which("wrk")):
         if not shutil.which("wrk"):
@@ -1396,9 +2279,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         for gw in gateways:  # Ctrl+C after all the load: still fast?
             raw["stop_after_load"][gw.variant.name] = sigint_exit(procs, gw)
 
-        if "analyze" not in skip:
-            log("analyze on the real service, %d runs" % p["analyze"])
-            raw["analyze"] = analyze_phase(procs, variants, env, p["analyze"])
+        analyze_phases = {"analyze", "limits", "overload"} - skip
+        if analyze_phases:
+            raw["analyze"] = {}
+            analyze_section(procs, env, data_dir, p, analyze_phases, analyze_clients,
+                            worker_limits, args.overload_clients, args.overload_queue,
+                            raw["analyze"])
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything")
@@ -1415,7 +2301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result.update(raw)
     result["environment"]["loadavg_after"] = list(os.getloadavg())
     result["summary"] = summarize(raw, names)
-    result["targets"] = check_targets(result["summary"], names)
+    result["targets"] = check_targets(result["summary"], names, raw.get("analyze"))
     result["notes"] = notes + (["INTERRUPTED: partial results"] if interrupted else []) + (
         ["FAILED (%s): partial results" % failure] if failure else [])
     result["elapsed_s"] = time.monotonic() - started
