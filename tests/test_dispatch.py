@@ -22,6 +22,17 @@ def make(n: int = 2, limit: int = 2, queue_limit: int = 4):
     return workers, Dispatcher(workers, limit, queue_limit)
 
 
+def test_reads_pass_the_limit_and_pick_the_least_busy_worker():
+    _, d = make(n=2, limit=1, queue_limit=0)
+    assert [d.try_acquire(), d.try_acquire()] == [0, 1]
+    assert d.try_acquire() is None  # work: both at the limit
+    assert d.try_acquire(work=False) == 0  # a read: served, on the first least busy worker
+    assert d.try_acquire(work=False) == 1
+    assert d.in_flight == [2, 2] and d.working == [1, 1]
+    d.release(0, work=False)
+    assert d.in_flight == [1, 2] and d.working == [1, 1]
+
+
 def test_least_in_flight_then_lowest_index():
     _, d = make(n=3, limit=2)
     assert [d.try_acquire() for _ in range(6)] == [0, 1, 2, 0, 1, 2]
@@ -84,6 +95,7 @@ def test_fail_waiting_answers_each_once_and_cancel_after_slot_is_refused():
 
 OPS = st.lists(st.one_of(
     st.tuples(st.just("arrive")),
+    st.tuples(st.just("read")),
     st.tuples(st.just("complete"), st.integers(0, 1000)),
     st.tuples(st.just("cancel"), st.integers(0, 1000)),
     st.tuples(st.just("down"), st.integers(0, 3)),
@@ -100,12 +112,13 @@ OPS = st.lists(st.one_of(
          ops=[("down", 1), ("arrive",), ("arrive",), ("up_unannounced", 1), ("arrive",)])
 @given(n=st.integers(1, 4), limit=st.integers(1, 3), queue_limit=st.integers(0, 6), ops=OPS)
 def test_dispatch_properties(n, limit, queue_limit, ops):
-    """Never over a worker's limit; never to a non-ready worker; FIFO among waiters; every
-    request answered exactly once (a slot, a refusal, a failure or its own cancellation);
-    and after every step either nobody waits or no ready worker has room."""
+    """Never more work on a worker than its limit; never to a non-ready worker; FIFO among
+    waiters; reads never wait and go to the least busy ready worker; every request answered
+    exactly once (a slot, a refusal, a failure or its own cancellation); and after every
+    step either nobody waits or no ready worker has room."""
     workers, d = make(n=n, limit=limit, queue_limit=queue_limit)
     answers: dict[int, list] = {}
-    running: list[tuple[int, int]] = []  # (request, worker)
+    running: list[tuple[int, int, bool]] = []  # (request, worker, work?)
     waiting: list[tuple[int, object]] = []  # (request, ticket), in arrival order
     served_order: list[int] = []
     next_id = 0
@@ -115,7 +128,7 @@ def test_dispatch_properties(n, limit, queue_limit, ops):
         def cb(index):
             assert workers[index].ready, "a request went to a worker that is not ready"
             answers[req].append("slot")
-            running.append((req, index))
+            running.append((req, index, True))
             served_order.append(req)
             waiting[:] = [(r, t) for r, t in waiting if r != req]
         return cb
@@ -136,7 +149,7 @@ def test_dispatch_properties(n, limit, queue_limit, ops):
                 assert not waiting, "an arrival overtook a waiting request"
                 assert workers[index].ready
                 answers[req].append("slot")
-                running.append((req, index))
+                running.append((req, index, True))
                 served_order.append(req)
             else:
                 unannounced = False  # enqueue() hands out free capacity first
@@ -148,9 +161,21 @@ def test_dispatch_properties(n, limit, queue_limit, ops):
                 else:
                     if answers[req] == []:
                         waiting.append((req, ticket))
+        elif kind == "read":
+            # reads never wait: a ready worker with the fewest requests in flight, or none
+            index = d.try_acquire(work=False)
+            ready = [i for i, w in enumerate(workers) if w.ready]
+            if index is None:
+                assert not ready
+            else:
+                assert workers[index].ready
+                loads = [d.in_flight[i] for i in ready]
+                assert d.in_flight[index] - 1 == min(
+                    load - (1 if i == index else 0) for i, load in zip(ready, loads))
+                running.append((-1, index, False))
         elif kind == "complete" and running:
-            req, index = running.pop(op[1] % len(running))
-            d.release(index)
+            req, index, was_work = running.pop(op[1] % len(running))
+            d.release(index, was_work)
             unannounced = False
         elif kind == "cancel" and waiting:
             req, ticket = waiting.pop(op[1] % len(waiting))
@@ -171,11 +196,13 @@ def test_dispatch_properties(n, limit, queue_limit, ops):
             d.fail_waiting()
         # invariants after every step
         for index in range(n):
-            held = sum(1 for _, i in running if i == index)
-            assert d.in_flight[index] == held <= limit
+            work_held = sum(1 for _, i, w in running if i == index and w)
+            held = sum(1 for _, i, _w in running if i == index)
+            assert d.working[index] == work_held <= limit
+            assert d.in_flight[index] == held
         assert d.queued == len(waiting) <= queue_limit
         if waiting and not unannounced:
-            assert all(not w.ready or d.in_flight[i] >= limit for i, w in enumerate(workers))
+            assert all(not w.ready or d.working[i] >= limit for i, w in enumerate(workers))
     # FIFO: requests that waited were served in arrival order
     assert served_order == sorted(served_order)
     for req, got in answers.items():

@@ -240,6 +240,11 @@ def client(gw_port) -> GatewayClient:
     return GatewayClient(gw_port)
 
 
+def work(client: Any, path: str, **kwargs: Any):
+    """A work request (POST): the kind the per-worker limit and the queue are for."""
+    return fetch(client, path, method="POST", body=b"", **kwargs)
+
+
 async def started(group: WorkerGroup) -> WorkerGroup:
     await group.start()
     return group
@@ -257,12 +262,12 @@ async def settle(group: WorkerGroup, timeout: float = 5.0) -> None:
 async def test_concurrent_requests_go_to_the_least_busy_worker(group, client):
     await started(group)
     try:
-        slow = [fetch(client, "/api/deepfake/slow?delay=0.4") for _ in range(2)]
+        slow = [work(client, "/api/deepfake/slow?delay=0.4") for _ in range(2)]
         responses = await asyncio.gather(*slow)
         assert [r.code for r in responses] == [200, 200]
         assert group.dispatcher.served == [1, 1]  # one each, limit 1: neither queued
         await settle(group)
-        assert (await fetch(client, "/api/deepfake/x")).code == 200
+        assert (await work(client, "/api/deepfake/x")).code == 200
         assert group.dispatcher.served == [2, 1]  # idle: the first worker
     finally:
         await group.stop()
@@ -273,12 +278,12 @@ async def test_a_full_queue_answers_503_overloaded_at_once(echo_urls, client, gr
     await started(group)
     try:
         # two workers, one place each, one waiting place: the fourth request is refused
-        slow = [asyncio.ensure_future(fetch(client, "/api/deepfake/slow?delay=0.8"))
+        slow = [asyncio.ensure_future(work(client, "/api/deepfake/slow?delay=0.8"))
                 for _ in range(3)]
         while group.dispatcher.queued < 1:
             await asyncio.sleep(0.01)
         t0 = time.monotonic()
-        refused = await fetch(client, "/api/deepfake/x")
+        refused = await work(client, "/api/deepfake/x")
         assert time.monotonic() - t0 < 0.5  # at once, not after a place freed (0.8 s)
         assert refused.code == 503
         body = json.loads(refused.body)
@@ -298,11 +303,11 @@ async def test_waiting_longer_than_the_queue_timeout_is_503_overloaded(client,
                                                                        group):
     await started(group)
     try:
-        slow = [asyncio.ensure_future(fetch(client, "/api/deepfake/slow?delay=1"))
+        slow = [asyncio.ensure_future(work(client, "/api/deepfake/slow?delay=1"))
                 for _ in range(2)]
-        while sum(group.dispatcher.in_flight) < 2:
+        while sum(group.dispatcher.working) < 2:
             await asyncio.sleep(0.01)
-        late = await fetch(client, "/api/deepfake/x")
+        late = await work(client, "/api/deepfake/x")
         assert late.code == 503 and json.loads(late.body)["error"] == "overloaded"
         assert "within 0.2 s" in json.loads(late.body)["message"]
         assert [r.code for r in await asyncio.gather(*slow)] == [200, 200]
@@ -337,7 +342,7 @@ async def test_a_queued_upload_is_not_read_until_it_has_a_worker(echo_urls, clie
     sock = socket.create_connection(("127.0.0.1", gw_port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
     try:
-        slow = [asyncio.ensure_future(fetch(client, "/api/deepfake/slow?delay=1.5"))
+        slow = [asyncio.ensure_future(work(client, "/api/deepfake/slow?delay=1.5"))
                 for _ in range(2)]
         while sum(group.dispatcher.in_flight) < 2:
             await asyncio.sleep(0.01)
@@ -373,12 +378,12 @@ async def test_a_queued_upload_is_not_read_until_it_has_a_worker(echo_urls, clie
 async def test_a_client_leaving_the_queue_gives_up_its_place(client, group, gw_port):
     await started(group)
     try:
-        slow = [asyncio.ensure_future(fetch(client, "/api/deepfake/slow?delay=0.8"))
+        slow = [asyncio.ensure_future(work(client, "/api/deepfake/slow?delay=0.8"))
                 for _ in range(2)]
         while sum(group.dispatcher.in_flight) < 2:
             await asyncio.sleep(0.01)
         sock = socket.create_connection(("127.0.0.1", gw_port))
-        sock.sendall(b"GET /api/deepfake/gone HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.sendall(b"POST /api/deepfake/gone HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
         while group.dispatcher.queued < 1:
             await asyncio.sleep(0.01)
         sock.close()
@@ -432,4 +437,29 @@ async def test_a_worker_that_is_not_ready_gets_no_requests(client, group):
         assert status["workers"][1]["served"] == 5
     finally:
         await settle(group)
+        await group.stop()
+
+
+@pytest.mark.parametrize("dispatch", [dict(worker_limit=1, queue_limit=0, queue_timeout=5000)])
+async def test_reads_are_never_held_back_by_work(client, group):
+    """Both workers at their limit of work and no queue: a read (GET) is still served at once,
+    on the worker with the fewest requests in flight, while work is refused 503."""
+    await started(group)
+    try:
+        slow = [asyncio.ensure_future(work(client, "/api/deepfake/slow?delay=1"))
+                for _ in range(2)]
+        while sum(group.dispatcher.working) < 2:
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        reads = await asyncio.gather(*(fetch(client, "/api/deepfake/x") for _ in range(3)))
+        assert [r.code for r in reads] == [200] * 3
+        assert time.monotonic() - t0 < 0.9  # not behind the 1 s of work
+        refused = await work(client, "/api/deepfake/x")
+        assert refused.code == 503 and json.loads(refused.body)["error"] == "overloaded"
+        await asyncio.gather(*slow)
+        await settle(group)
+        assert group.dispatcher.working == [0, 0] and group.dispatcher.in_flight == [0, 0]
+        status = group.status()
+        assert [w["work_in_flight"] for w in status["workers"]] == [0, 0]
+    finally:
         await group.stop()

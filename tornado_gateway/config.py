@@ -267,7 +267,8 @@ SETTINGS: Dict[str, Setting] = {
                             "a request body that sends nothing this long is refused (408)",
                             "ms", metavar="MS"),
     "worker_limit": Setting("GATEWAY_WORKER_LIMIT", "--worker-limit", _positive_int,
-                            "gateway", "requests in flight per worker; more wait in the queue",
+                            "gateway", "work requests (all but GET, HEAD, OPTIONS) in flight "
+                            "per worker; more wait in the queue",
                             metavar="N"),
     "queue_limit": Setting("GATEWAY_QUEUE_LIMIT", "--queue-limit", _non_negative_int,
                            "gateway", "requests waiting for a worker; beyond: 503 overloaded",

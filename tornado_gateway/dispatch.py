@@ -1,12 +1,18 @@
 """Dispatch: which worker serves a request, and the bounded FIFO queue in front of them.
 
 Pure bookkeeping, no I/O, no event loop: the proxy asks for a slot, gets a worker index at once
-or waits in the queue, and gives the slot back when its exchange is over. The rules:
+or waits in the queue, and gives the slot back when its exchange is over.
 
-* a request goes to the ready worker with the fewest requests in flight (ties: the lowest
-  index, so one worker is preferred while the load is light: its caches stay warm);
-* no worker ever has more than ``limit`` requests in flight;
-* beyond that, requests wait in one FIFO queue of at most ``queue_limit``; a full queue refuses
+Requests are *work* (the CPU-bound kind: in this service every POST — analyze, feedback,
+retrain) or *reads* (GET, HEAD, OPTIONS: stats, the health check, downloads). The limit and the
+queue are for work: a worker given more images at once only shares one core among them, while
+reads are cheap and, held back behind work, would make a busy service look dead. The rules:
+
+* a work request goes to the ready worker with the fewest work requests in flight, a read to
+  the ready worker with the fewest requests of any kind in flight (ties: the lowest index, so
+  one worker is preferred while the load is light: its caches stay warm);
+* no worker ever has more than ``limit`` work requests in flight; reads never wait;
+* beyond that, work waits in one FIFO queue of at most ``queue_limit``; a full queue refuses
   at once (:class:`Overloaded`) instead of piling up latency;
 * a waiter is served before any later arrival: while anyone waits, an arrival queues too;
 * capacity is handed to waiters the moment it appears (a release, a worker becoming ready), so
@@ -45,7 +51,8 @@ class Ticket:
 
 
 class Dispatcher:
-    """Least-in-flight choice among ready workers, a per-worker limit and a FIFO queue.
+    """Least-in-flight choice among ready workers, a per-worker limit on work and a FIFO queue
+    for it.
 
     ``workers`` are any objects; ``is_ready(worker)`` says whether one may get requests now
     (default: its ``is_flask_ready()``). Not thread-safe: every call happens on the event loop.
@@ -61,7 +68,8 @@ class Dispatcher:
         self.limit = limit
         self.queue_limit = queue_limit
         self._is_ready = is_ready or (lambda w: w.is_flask_ready())
-        self.in_flight: List[int] = [0] * len(self.workers)
+        self.in_flight: List[int] = [0] * len(self.workers)  # every request
+        self.working: List[int] = [0] * len(self.workers)  # work requests (under the limit)
         self.served: List[int] = [0] * len(self.workers)
         self._waiting: Deque[Ticket] = collections.deque()
         self.refused = 0  # arrivals refused because the queue was full
@@ -70,30 +78,48 @@ class Dispatcher:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def _pick(self) -> Optional[int]:
+    def _pick_work(self) -> Optional[int]:
         best = None
         best_load = self.limit
-        in_flight = self.in_flight
+        working = self.working
         for index, worker in enumerate(self.workers):
-            load = in_flight[index]
+            load = working[index]
             if load < best_load and self._is_ready(worker):
                 best, best_load = index, load
                 if load == 0:
                     break
         return best
 
-    def _take(self, index: int) -> int:
+    def _pick_read(self) -> Optional[int]:
+        best = None
+        best_load = 0
+        in_flight = self.in_flight
+        for index, worker in enumerate(self.workers):
+            load = in_flight[index]
+            if (best is None or load < best_load) and self._is_ready(worker):
+                best, best_load = index, load
+                if load == 0:
+                    break
+        return best
+
+    def _take(self, index: int, work: bool) -> int:
         self.in_flight[index] += 1
         self.served[index] += 1
+        if work:
+            self.working[index] += 1
         return index
 
-    def try_acquire(self) -> Optional[int]:
-        """A worker's index for a new request, counted in flight; None when the request must
-        wait (every ready worker is at its limit, none is ready, or others already wait)."""
+    def try_acquire(self, work: bool = True) -> Optional[int]:
+        """A worker's index for a new request, counted in flight; None when it must wait (a
+        work request: every ready worker is at its limit, or others already wait) or when no
+        worker is ready."""
+        if not work:
+            index = self._pick_read()
+            return None if index is None else self._take(index, False)
         if self._waiting:
             return None
-        index = self._pick()
-        return None if index is None else self._take(index)
+        index = self._pick_work()
+        return None if index is None else self._take(index, True)
 
     def enqueue(self, on_slot: Callable[[int], None],
                 on_fail: Callable[[], None]) -> Ticket:
@@ -121,24 +147,27 @@ class Dispatcher:
             pass
         return True
 
-    def release(self, index: int) -> None:
-        """The request on worker ``index`` is over: its place goes to the first waiter."""
-        if self.in_flight[index] <= 0:
+    def release(self, index: int, work: bool = True) -> None:
+        """The request on worker ``index`` is over: a work request's place goes to the first
+        waiter."""
+        if self.in_flight[index] <= 0 or (work and self.working[index] <= 0):
             raise RuntimeError("release() without a matching acquire on worker %d" % index)
         self.in_flight[index] -= 1
-        self.kick()
+        if work:
+            self.working[index] -= 1
+            self.kick()
 
     def kick(self) -> None:
         """Hand free capacity to waiters, oldest first (after a release, or when a worker
         became ready)."""
         waiting = self._waiting
         while waiting:
-            index = self._pick()
+            index = self._pick_work()
             if index is None:
                 return
             ticket = waiting.popleft()
             ticket.active = False
-            self._take(index)
+            self._take(index, True)
             ticket.on_slot(index)
 
     def fail_waiting(self) -> int:

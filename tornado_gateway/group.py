@@ -148,16 +148,19 @@ class WorkerGroup:
 
     # --- dispatch --------------------------------------------------------------------------
 
-    def try_acquire(self) -> Optional[int]:
-        """A worker's index for a request, at once, or None: then :meth:`acquire`."""
-        return self.dispatcher.try_acquire()
+    def try_acquire(self, work: bool = True) -> Optional[int]:
+        """A worker's index for a request, at once, or None: then :meth:`request_worker` (a
+        work request) or 503 (a read: no worker is ready). See :mod:`.dispatch` for what is
+        work (``work``) and what is a read."""
+        return self.dispatcher.try_acquire(work)
 
     async def acquire(self) -> int:
         """Wait in the queue for a worker; its index (see :meth:`request_worker`)."""
         return await self.request_worker()
 
     def request_worker(self) -> "asyncio.Future[int]":
-        """A future of a worker's index: already resolved when one is free, else resolved
+        """For a work request, a future of a worker's index: already resolved when one is
+        free, else resolved
         when the queue reaches this request. It fails with :class:`QueueTimeout` after
         ``queue_timeout_s`` or :class:`NoWorker` when every worker went down; a full queue
         raises :class:`Overloaded` here, at once. Cancelling the future gives up the place
@@ -204,9 +207,9 @@ class WorkerGroup:
         future.add_done_callback(on_done)
         return future
 
-    def release(self, index: int) -> None:
-        """The request on worker ``index`` is over."""
-        self.dispatcher.release(index)
+    def release(self, index: int, work: bool = True) -> None:
+        """The request on worker ``index`` is over (``work`` as it was acquired)."""
+        self.dispatcher.release(index, work)
 
     def worker(self, index: int) -> PythonBridge:
         return self.workers[index]
@@ -269,11 +272,12 @@ class WorkerGroup:
             item = worker.status()
             item.update(index=index + 1, name=worker.name, port=worker.config.port,
                         in_flight=self.dispatcher.in_flight[index],
+                        work_in_flight=self.dispatcher.working[index],
                         served=self.dispatcher.served[index])
             workers.append(item)
         if len(self.workers) == 1:
             status = dict(workers[0])
-            for key in ("index", "name", "port", "in_flight", "served"):
+            for key in ("index", "name", "port", "in_flight", "work_in_flight", "served"):
                 del status[key]
         else:
             lead = next((w for w in self.workers if w.is_flask_ready()), self.workers[0])

@@ -33,6 +33,15 @@ What the handler promises (the "Proxy contract" in ARCHITECTURE.md):
   gets 408.
   Once the response head has gone out, an upstream failure closes the client connection, so a
   truncated body is never presented as complete.
+* An answer the child sends before the request body is complete (waitress's 413 to a body over
+  its ``max_request_body_size``, sent as soon as it has read the head, before it closes) is
+  relayed as it arrives: its status, headers and body, never a 502 made of the upload's failing
+  writes, and no ``report_upstream_failure()``. The rest of the client's body is not forwarded;
+  the upstream connection is closed, not reused; the client connection closes after the answer
+  (the gateway's server says ``Connection: close`` and reads and drops what the client still
+  sends for up to 2 s, so that the answer is not lost to a reset). The keep-alive pool does
+  this (it reads the response while the body goes out); ``SimpleAsyncHTTPClient`` only reads
+  the answer once the body is sent.
 * A client that goes away aborts the upstream exchange: the child sees an incomplete request,
   never a truncated body that looks complete.
 
@@ -98,6 +107,8 @@ _NOT_FORWARDED_UP = HOP_BY_HOP | {"expect", "x-forwarded-proto", "x-forwarded-ho
 _NEVER_CONNECTION_TOKENS = frozenset({"content-length", "host"})
 
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# Requests that are reads, not work: never held back by the per-worker limit (dispatch.py)
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
 _STANDARD_LOWER = frozenset(m.lower() for m in STANDARD_METHODS)
 # Methods whose upstream request Tornado frames as chunked by itself when no Content-Length is
 # given; a chunked body under any other method is framed by the proxy.
@@ -443,6 +454,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         self._slot: Optional[int] = None
         self._upstream_base: Optional[str] = None
         self._waiting: Optional[asyncio.Future] = None  # the wait for a worker, cancellable
+        self._work = True  # counted against the per-worker limit (see dispatch.py)
+        self._claim_refused = False
 
     # Nonstandard methods: Tornado dispatches to getattr(self, method.lower()).
     def __getattr__(self, name: str) -> Any:
@@ -520,6 +533,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             if self._claim_worker():
                 self._open_exchange(length)
                 return None
+            if self._claim_refused:
+                return None
             return self._open_exchange_when_dispatched(length)
         return self._open_exchange_when_usable(length)
 
@@ -529,18 +544,23 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         if await self._usable():
             if self._claim_worker():
                 self._open_exchange(length)
-            else:
+            elif not self._claim_refused:
                 await self._open_exchange_when_dispatched(length)
 
     def _claim_worker(self) -> bool:
         """Take a place on a worker now: True, or False when the request must queue. A
-        bridge without dispatch (a single PythonBridge) has its one URL."""
+        bridge without dispatch (a single PythonBridge) has its one URL. Reads (GET, HEAD,
+        OPTIONS) are never held back by the per-worker limit; everything else is work."""
         try_acquire = getattr(self.bridge, "try_acquire", None)
         if try_acquire is None:
             self._upstream_base = self.bridge.flask_url
             return True
-        index = try_acquire()
+        self._work = work = self.request.method not in _READS
+        index = try_acquire(work)
         if index is None:
+            if not work:  # no worker ready at all (between the gate and here)
+                self._refuse(self._unavailable(str(self.bridge.state)))
+                self._claim_refused = True
             return False
         self._hold(index)
         return True
@@ -578,7 +598,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         finally:
             self._waiting = None
         if self._client_gone:
-            self.bridge.release(index)
+            self.bridge.release(index, True)
             return
         self._hold(index)
         self._open_exchange(length)
@@ -588,7 +608,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         index = self._slot
         if index is not None:
             self._slot = None
-            self.bridge.release(index)
+            self.bridge.release(index, self._work)
 
     def _open_exchange(self, length: Optional[int]) -> None:
         """Start the upstream exchange (the child is ready)."""

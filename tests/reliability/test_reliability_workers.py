@@ -21,7 +21,8 @@ from rel_helpers import alive, echo_args, port_is_free, wait_until
 pytestmark = pytest.mark.integration
 
 
-def load(port: int, clients: int, seconds: float, path: str) -> Dict[object, int]:
+def load(port: int, clients: int, seconds: float, path: str,
+         method: str = "GET") -> Dict[object, int]:
     """``clients`` keep-alive clients, one request after another for ``seconds``: the count of
     each status (and of connection errors, as ``"error"``)."""
     counts: Dict[object, int] = collections.Counter()
@@ -32,7 +33,7 @@ def load(port: int, clients: int, seconds: float, path: str) -> Dict[object, int
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         while time.monotonic() < deadline:
             try:
-                conn.request("GET", path)
+                conn.request(method, path, body=b"" if method == "POST" else None)
                 response = conn.getresponse()
                 response.read()
                 key: object = response.status
@@ -67,7 +68,7 @@ def test_sigkill_of_one_worker_under_load(gateways):
     created = psutil.Process(victim).create_time()
     result: List[Dict[object, int]] = []
     runner = threading.Thread(target=lambda: result.append(
-        load(gw.port, 6, 4.0, "/api/deepfake/slow?delay=0.02")))
+        load(gw.port, 6, 4.0, "/api/deepfake/slow?delay=0.02", "POST")))
     runner.start()
     time.sleep(1.0)
     os.kill(victim, signal.SIGKILL)
