@@ -206,7 +206,8 @@ def group(config) -> WorkerGroup:
 @pytest.fixture
 def app(group, config):
     configure_http_client(config, impl="tornado_gateway.pool.KeepAliveHTTPClient")
-    return tornado.web.Application(proxy_routes(group, config))
+    yield tornado.web.Application(proxy_routes(group, config))
+    AsyncHTTPClient.configure(None)  # the choice is process-wide: leave the next test's alone
 
 
 class GatewayClient:

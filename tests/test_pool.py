@@ -1499,3 +1499,40 @@ async def test_redirects_are_followed_like_the_simple_client(redirecting, client
                                   raise_error=False)
     assert raw_resp.code == 301 and raw_resp.body == b"redirect body nobody should see"
     assert client.stats["connected"] == 1  # all of it on one pooled connection
+
+
+@pytest.mark.timeout(10)
+async def test_a_server_that_hangs_up_before_the_request_fails_it_at_once(client, monkeypatch):
+    """Accept, then close without reading: the exchange fails as a closed connection now,
+    not as a timeout when request_timeout runs out. The close is made to land between the
+    connection being made and the request being written (a pause after connecting), where
+    the pool used to have no exchange to tell."""
+    from tornado_gateway import pool as pool_mod
+
+    opened = pool_mod._PooledConnection._open
+
+    async def open_then_pause(self):
+        conn = await opened(self)
+        await asyncio.sleep(0.05)  # the server's close is processed meanwhile
+        return conn
+    monkeypatch.setattr(pool_mod._PooledConnection, "_open", open_then_pause)
+    accepted = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        t0 = time.monotonic()
+        for _ in range(5):
+            with pytest.raises((HTTPStreamClosedError, StreamClosedError, ConnectionError,
+                                HTTPClientError)) as info:
+                await client.fetch("http://127.0.0.1:%d/x" % port, request_timeout=8)
+            assert not isinstance(info.value, HTTPTimeoutError)
+        assert time.monotonic() - t0 < 4  # five failures, none waited for the 8 s timeout
+        assert len(accepted) >= 5
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -997,6 +997,13 @@ class _PooledConnection:
         self._reused = reused
         self._reset_exchange()
         self._out_remaining = self._length_out
+        if conn.closed:
+            # The server closed the new connection before anything was asked (it accepted,
+            # then hung up): its connection_lost had no exchange to tell, so nothing would
+            # ever end this one but the request timeout.
+            self._on_eof(ConnectionResetError("the server closed the connection before the "
+                                              "request was sent"))
+            return
         body = self._body
         if self._expect_100 or self._body_producer is not None:
             # The body follows (after a 100, or as the producer makes it); any answer that
