@@ -89,6 +89,7 @@ def test_acknowledged_feedback_and_the_model_survive_a_kill_during_retrain(gatew
     writers = [threading.Thread(target=writer) for _ in range(3)]
     for t in writers:  # feedback lands before, during and after the retrain
         t.start()
+    wait_until(lambda: outcomes.count(201) >= 5, 15, "feedback to flow before the retrain")
     # A retrain takes ~0.1 s once scikit-learn is imported: kill the child the moment it is
     # seen running. If it finished first (its answer came back), that retrain's model is the
     # new "previous model" and the next attempt tries again.
