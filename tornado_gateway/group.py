@@ -25,7 +25,7 @@ from .bridge import PythonBridge
 from .config import FlaskConfig, GatewayConfig, worker_config
 from .dispatch import Dispatcher, Overloaded
 from .logpump import LogLine, log_sink
-from .state import TERMINAL, BridgeState
+from .state import TERMINAL, BridgeState, ChangeSignal, wait_until_ready
 
 S = BridgeState
 log = logging.getLogger("tornado_gateway.group")
@@ -61,7 +61,7 @@ class WorkerGroup:
         self.queue_timeout_s = queue_timeout_s
         self.dispatcher = Dispatcher(self.workers, worker_limit, queue_limit)
         self.timed_out = 0  # requests that waited longer than the queue timeout
-        self._changed: Optional[asyncio.Event] = None
+        self._changes = ChangeSignal()
         for worker in self.workers:
             worker.add_state_listener(self._on_worker_state)
 
@@ -124,22 +124,11 @@ class WorkerGroup:
     async def wait_until_ready(self, timeout_s: Optional[float]) -> bool:
         """Wait (bounded) while a worker can still become ready by itself: True once one is
         ``ready``; False after ``timeout_s`` or when none can any more."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            if self.is_flask_ready():
-                return True
-            if all(w.state in TERMINAL or w.state is S.IDLE for w in self.workers):
-                return False
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return False
-            if self._changed is None:
-                self._changed = asyncio.Event()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                return False
+        return await wait_until_ready(self.is_flask_ready, self._hopeless, self._changes,
+                                      timeout_s, asyncio.get_running_loop().time)
+
+    def _hopeless(self) -> bool:
+        return all(w.state in TERMINAL or w.state is S.IDLE for w in self.workers)
 
     def report_upstream_failure(self, reason: str) -> None:
         """A failure whose worker is not known: every worker checks its health now."""
@@ -217,14 +206,12 @@ class WorkerGroup:
     def _on_worker_state(self, old: BridgeState, new: BridgeState, reason: str) -> None:
         if new is S.READY:
             self.dispatcher.kick()  # its capacity goes to whoever waits
-        elif all(w.state in TERMINAL or w.state is S.IDLE for w in self.workers):
+        elif self._hopeless():
             # nobody left to wait for: answer the queue now rather than at its timeout
             failed = self.dispatcher.fail_waiting()
             if failed:
                 log.warning("No worker can serve: %d waiting request(s) answered 503.", failed)
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self._changes.notify()
 
     # --- lifecycle -------------------------------------------------------------------------
 

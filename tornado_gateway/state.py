@@ -56,6 +56,46 @@ class InvalidTransition(RuntimeError):
     pass
 
 
+class ChangeSignal:
+    """Wakes everyone waiting for "something changed" (one event per round of waiters)."""
+
+    def __init__(self) -> None:
+        self._event: Optional[asyncio.Event] = None
+
+    def notify(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait(self, timeout: Optional[float]) -> bool:
+        """Wait until the next :meth:`notify` or ``timeout`` seconds; True if notified."""
+        if self._event is None:
+            self._event = asyncio.Event()
+        event = self._event
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+async def wait_until_ready(is_ready: Callable[[], bool], hopeless: Callable[[], bool],
+                           changes: ChangeSignal, timeout: Optional[float],
+                           clock: Callable[[], float]) -> bool:
+    """Wait (bounded) while readiness can still come without anyone acting: True once
+    ``is_ready()``; False on timeout or once ``hopeless()``. Rechecked on every change."""
+    deadline = None if timeout is None else clock() + timeout
+    while True:
+        if is_ready():
+            return True
+        if hopeless():
+            return False
+        remaining = None if deadline is None else deadline - clock()
+        if remaining is not None and remaining <= 0:
+            return False
+        await changes.wait(remaining)
+
+
 class StateMachine:
     """Holds the current state, validates moves, and wakes whoever waits for a change.
 
@@ -69,7 +109,7 @@ class StateMachine:
         self.since = clock()
         self.history: list[tuple[BridgeState, BridgeState, str]] = []
         self._listeners: list[Callable[[BridgeState, BridgeState, str], None]] = []
-        self._changed: Optional[asyncio.Event] = None
+        self._changes = ChangeSignal()
 
     @property
     def state(self) -> BridgeState:
@@ -96,9 +136,7 @@ class StateMachine:
         del self.history[:-50]
         for listener in list(self._listeners):
             listener(old, new, reason)
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self._changes.notify()
         return True
 
     def add_listener(self, listener: Callable[[BridgeState, BridgeState, str], None]) -> None:
@@ -106,25 +144,12 @@ class StateMachine:
 
     async def wait_for_change(self, timeout: Optional[float]) -> bool:
         """Wait until the state changes or ``timeout`` seconds pass; True if it changed."""
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        event = self._changed
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+        return await self._changes.wait(timeout)
 
     async def wait_until_ready(self, timeout: Optional[float]) -> bool:
         """Wait (bounded) while the state can still become ready without anyone acting:
         True once ``ready``, False on timeout or when a terminal state is reached."""
-        deadline = None if timeout is None else self._clock() + timeout
-        while True:
-            if self._state is S.READY:
-                return True
-            if self._state in TERMINAL or self._state is S.IDLE:
-                return False
-            remaining = None if deadline is None else deadline - self._clock()
-            if remaining is not None and remaining <= 0:
-                return False
-            await self.wait_for_change(remaining)
+        return await wait_until_ready(
+            lambda: self._state is S.READY,
+            lambda: self._state in TERMINAL or self._state is S.IDLE,
+            self._changes, timeout, self._clock)
