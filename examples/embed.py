@@ -6,6 +6,7 @@ Settings come from the same environment variables as the gateway (GATEWAY_PORT, 
 """
 import asyncio
 import logging
+import signal
 
 import tornado.web
 
@@ -32,6 +33,9 @@ async def main():
 
 
 if __name__ == "__main__":
+    # A program started in the background by a script inherits SIGINT ignored: make Ctrl+C
+    # (and kill -INT) stop it anyway.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         asyncio.run(main())
     except KeyboardInterrupt:  # Ctrl+C: the bridge has already stopped the child's tree

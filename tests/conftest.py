@@ -1,4 +1,10 @@
 """Shared pytest fixtures."""
+import signal as _gw_signal
+
+# A test run started in the background by a script inherits SIGINT ignored, and so would every
+# gateway and child the tests start: the Ctrl+C tests need it back to its default.
+if _gw_signal.getsignal(_gw_signal.SIGINT) is _gw_signal.SIG_IGN:
+    _gw_signal.signal(_gw_signal.SIGINT, _gw_signal.default_int_handler)
 
 # === BEGIN core-unit-test fakes (tests/test_{config,state,child,logpump,health,bridge,server,properties}.py)
 # Fakes for the gateway core: no real child process, no real health endpoint. Tests get them

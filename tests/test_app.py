@@ -71,11 +71,12 @@ async def test_wrong_method_on_status_is_json_405(http_server_client):
     body = json.loads(resp.body)
     assert set(body) == JSON_ERROR_KEYS
     assert resp.headers["Allow"] == "GET" and "Use GET" in body["suggestion"]
+    assert body["error"] == "Method not allowed"
 
 
 async def test_wrong_method_on_the_page_is_json_405_with_allow(http_server_client):
     resp = await http_server_client.fetch("/", method="POST", body=b"x", raise_error=False)
-    assert resp.code == 405 and resp.headers["Allow"] == "GET"
+    assert resp.code == 405 and resp.headers["Allow"] == "GET, HEAD"
     assert set(json.loads(resp.body)) == JSON_ERROR_KEYS
 
 
@@ -100,3 +101,11 @@ async def test_static_path_traversal_is_refused(http_server_client):
     resp = await http_server_client.fetch("/static/../__init__.py", raise_error=False)
     assert resp.code in (403, 404)
     assert b"__version__" not in resp.body
+
+
+async def test_head_of_the_page_is_its_get_without_body(http_server_client):
+    get = await http_server_client.fetch("/")
+    head = await http_server_client.fetch("/", method="HEAD")
+    assert head.code == 200 and head.body == b""
+    assert head.headers["Content-Type"] == get.headers["Content-Type"]
+    assert int(head.headers["Content-Length"]) == len(get.body)

@@ -527,3 +527,26 @@ def test_a_sigkill_crash_names_the_likely_causes(gw_fakes):
     assert "was killed by signal SIGKILL" in text and "out-of-memory killer" in text
     assert "dmesg" in text and "kill -9" in text
     assert "out-of-memory" in message
+
+
+@pytest.mark.parametrize("name,auto_restart,says", [
+    (None, 0, "/api/deepfake requests get 503 until it is restarted."),
+    ("worker 2", 0, "The other workers keep serving; this one stays down"),
+    ("worker 2", 1, "It is restarted by itself (FLASK_AUTO_RESTART)."),
+])
+def test_the_crash_report_says_what_happens_next(gw_fakes, name, auto_restart, says):
+    control = gw_fakes.FakeControl(stderr=b"boom\n", stdout=b"Running\n")
+    bridge = gw_fakes.make_bridge(control, auto_restart=auto_restart)
+    bridge.name = name
+
+    async def main():
+        with gw_fakes.capture_logs() as logs:
+            assert await bridge.start()
+            control.exit(1)
+            await until(lambda: bridge.last_exit and "stderr_tail" in bridge.last_exit)
+            await asyncio.sleep(0.05)
+            await bridge.stop()
+        return logs
+
+    text = asyncio.run(main()).text(logging.ERROR)
+    assert "exited with code 1" in text and says in text, text

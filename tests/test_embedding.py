@@ -26,9 +26,11 @@ def test_embed_example_serves_own_routes_and_the_proxy_then_stops_the_child():
     port, flask_port = free_port(), free_port()
     env = dict(os.environ, GATEWAY_PORT=str(port), FLASK_PORT=str(flask_port),
                FLASK_SCRIPT=os.path.join(ROOT, "tests", "child_scripts", "echo_server.py"))
+    # started as a script's background job would be: with SIGINT ignored (it must stop anyway)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "examples", "embed.py")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -66,3 +68,13 @@ def test_embed_example_serves_own_routes_and_the_proxy_then_stops_the_child():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+def test_the_readme_shows_the_embedding_example_as_it_is():
+    with open(os.path.join(ROOT, "examples", "embed.py"), encoding="utf-8") as f:
+        example = f.read()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    program = example[example.index("import asyncio"):].rstrip()
+    assert "```python\n" + program + "\n```" in readme, (
+        "README's embedding snippet differs from examples/embed.py")

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started as a script's background job: Ctrl+C / kill -INT must still stop it, also
+        # before serve() installs its own handlers
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _main(argv)
     except KeyboardInterrupt:

@@ -422,11 +422,19 @@ class PythonBridge:
             self.last_exit["stderr_tail"] = tail
         how = "was killed by signal %s" % sig if sig else "exited with code %s" % code
         lines = "\n".join("    " + t for t in tail) or "    (no stderr output)"
-        advice = TROUBLESHOOTING.format(script=self.config.script, port=self.config.port)
-        if sig == "SIGKILL":  # no stderr to explain it: say what usually sends it
-            advice = errors.killed_by_sigkill_advice() + " " + advice
-        self._log.error("Flask server %s. Last stderr lines:\n%s\n%s /api/deepfake requests "
-                        "get 503 until it is restarted.", how, lines, advice)
+        if sig == "SIGKILL":  # no stderr to explain it, and nothing to install or free
+            advice = errors.killed_by_sigkill_advice()
+        else:
+            advice = TROUBLESHOOTING.format(script=self.config.script, port=self.config.port)
+        if self.restarts < self.config.auto_restart:
+            after = "It is restarted by itself (FLASK_AUTO_RESTART)."
+        elif self.name is not None:
+            after = ("The other workers keep serving; this one stays down until the gateway "
+                     "is restarted (FLASK_AUTO_RESTART restarts it by itself).")
+        else:
+            after = "/api/deepfake requests get 503 until it is restarted."
+        self._log.error("Flask server %s. Last stderr lines:\n%s\n%s %s", how, lines, advice,
+                        after)
         if self.restarts < self.config.auto_restart and self.state is S.EXITED:
             self.restarts += 1
             delay = min(30.0, 0.5 * 2 ** (self.restarts - 1))

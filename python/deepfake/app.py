@@ -177,7 +177,7 @@ def _register_errors(app: Flask, config: ServiceConfig) -> None:
         if isinstance(exc, RequestEntityTooLarge):
             return api_error(uploads.too_large(config.max_upload))
         status = exc.code or 500
-        name = exc.name or "HTTP error"
+        name = (exc.name or "HTTP error").capitalize()  # "Not found", as the gateway writes it
         suggestion = _HTTP_SUGGESTIONS.get(status, "Check the request and try again.")
         message = exc.description or name
         if status == 404:  # the gateway's words for the same thing

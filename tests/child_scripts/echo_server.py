@@ -40,6 +40,8 @@ import threading
 import time
 import urllib.parse
 
+from _childlib import watch_gateway
+
 PREFIX = "/api/deepfake"
 CHUNK = 64 * 1024
 _EVENTS: list = []
@@ -242,6 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=5001)
     args = parser.parse_args(argv)
     server = Server((args.host, args.port), EchoHandler)
+    watch_gateway()  # under a gateway: exit with it, so a killed gateway leaves no orphan
     print("LISTENING %d" % server.server_address[1], flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
