@@ -40,7 +40,11 @@ The throughput, transfer and launch figures use ``bench/backend.py`` (Flask on w
 service in production, but with cheap routes) as the child, so they measure the gateway. The
 gateway is started as shipped (``python -m tornado_gateway --mode production``: row "gateway")
 and, when it has the ``--upstream`` setting, once more with each other upstream client (row
-"gw simple" = ``--upstream simple``). On an older gateway without that setting, the second row
+"gw simple" = ``--upstream simple``), and, when it has the ``--loop`` setting and uvloop can
+run here, once more on uvloop (row "gw uvloop" = ``--loop uvloop``; ``--no-uvloop`` leaves it
+out). The tiny-GET table gives each row's CPU per request (gateway and child, psutil), and
+each variant's gateway CPU per request against the shipped gateway's in the same repeat. On an
+older gateway without the ``--upstream`` setting, the second row
 is "gateway+pool": ``tornado_gateway.pool.KeepAliveHTTPClient`` selected through
 ``AsyncHTTPClient.configure`` before ``main()``. Every process is on 127.0.0.1 with free ports,
 every load run has a fixed duration, and every process started here is stopped by PID at the
@@ -712,6 +716,7 @@ def throughput(gateways: List[Gateway], conns_list: List[int], repeats: int, dur
     for conns in conns_list:
         rows: Dict[str, List[Dict[str, Any]]] = {name: [] for name, _, _ in targets}
         ratios: Dict[str, List[float]] = {}
+        cpu_ratios: Dict[str, List[float]] = {}
         for r in range(repeats):
             got: Dict[str, Dict[str, Any]] = {}
             for name, port, owner in rotation(targets, r):
@@ -731,13 +736,19 @@ def throughput(gateways: List[Gateway], conns_list: List[int], repeats: int, dur
                 rows[name].append(res)
             d = got["direct"]
             line = "tiny GET c=%-2d rep %d/%d  direct %6.0f rps" % (conns, r + 1, repeats, d["rps"])
+            shipped_cpu = got[base.variant.name].get("gateway_cpu_us_per_req")
             for gw in gateways:
                 g = got[gw.variant.name]
                 ratio = g["rps"] / d["rps"] if d["rps"] else None
                 ratios.setdefault(gw.variant.name, []).append(ratio)
                 line += "  %s %6.0f (%.2fx)" % (gw.variant.name, g["rps"], ratio or 0)
+                cpu = g.get("gateway_cpu_us_per_req")
+                if gw is not base and cpu and shipped_cpu:
+                    # the gateway's CPU per request vs the shipped gateway's, same repeat
+                    cpu_ratios.setdefault(gw.variant.name, []).append(cpu / shipped_cpu)
+                    line += " cpu %.2fx" % (cpu / shipped_cpu)
             log(line)
-        out[str(conns)] = {"runs": rows, "ratios": ratios}
+        out[str(conns)] = {"runs": rows, "ratios": ratios, "cpu_ratios": cpu_ratios}
     return out
 
 
@@ -1436,6 +1447,8 @@ def summarize(raw: Dict[str, Any], names: List[str]) -> Dict[str, Any]:
                                          for r in runs)}
         for target, ratios in block["ratios"].items():
             row[target]["rps_ratio"] = spread(ratios)
+        for target, ratios in block.get("cpu_ratios", {}).items():
+            row[target]["cpu_ratio_vs_shipped"] = spread(ratios)
         floor, direct = row.get(Reference.name), row.get("direct")
         if conns == "1" and floor and direct and floor["rps"] and direct["rps"]:
             # serial at one connection: time(gateway) >= time(direct) + time(bare handler)
@@ -1827,7 +1840,7 @@ def print_report(result: Dict[str, Any]) -> None:
         if kept:
             w("gateway->child connections left open after the warm-up (keep-alive): %s\n"
               % ", ".join("%s %s" % kv for kv in kept.items()))
-        w("%-6s %-13s %-20s %-20s %-23s %-18s %-15s %-15s %s\n" % (
+        w("%-6s %-13s %-20s %-20s %-23s %-18s %-18s %-18s %s\n" % (
             "conns", "target", "requests/s", "p50 ms", "p99 ms", "ratio vs direct",
             "gw CPU us/req", "child CPU us/req", "errors"))
         for conns, row in s["tiny_get"].items():
@@ -1836,11 +1849,17 @@ def print_report(result: Dict[str, Any]) -> None:
                     continue
                 r = row[target]
                 gcpu, ccpu = r["gateway_cpu_us_per_req"], r["child_cpu_us_per_req"]
-                w("%-6s %-13s %-20s %-20s %-23s %-18s %-15s %-15s %d\n" % (
+                w("%-6s %-13s %-20s %-20s %-23s %-18s %-18s %-18s %d\n" % (
                     conns, target, fmt_spread(r["rps"]), fmt_spread(r["p50_ms"], "%.2f"),
                     fmt_spread(r["p99_ms"], "%.1f"), fmt_spread(r.get("rps_ratio"), "%.2f"),
-                    "%.0f" % gcpu["median"] if gcpu and target != "direct" else "-",
-                    "%.0f" % ccpu["median"] if ccpu else "-", r["errors"]))
+                    fmt_spread(gcpu) if target != "direct" else "-", fmt_spread(ccpu),
+                    r["errors"]))
+        for conns, row in s["tiny_get"].items():
+            for target in names:
+                cr = row.get(target, {}).get("cpu_ratio_vs_shipped")
+                if cr:
+                    w("c=%s: %s spends %s the CPU per request of %s (same repeat)\n"
+                      % (conns, target, fmt_spread(cr, "%.2fx"), names[0]))
         for conns, row in s["tiny_get"].items():
             ceiling = row.get(Reference.name, {}).get("gateway_ratio_ceiling")
             if ceiling is not None:
@@ -2044,6 +2063,24 @@ def detect_upstream() -> Dict[str, Any]:
         return {}
 
 
+def detect_loops() -> Dict[str, Any]:
+    """The gateway's own event-loop setting, if it has one: its CLI option, default, and why
+    uvloop cannot be used here (None when it can)."""
+    code = ("import json\n"
+            "from tornado_gateway import config\n"
+            "out = {}\n"
+            "if 'loop' in config.SETTINGS and hasattr(config, 'uvloop_problem'):\n"
+            "    out['option'] = config.SETTINGS['loop'][1]\n"
+            "    out['default'] = config.GatewayConfig().loop\n"
+            "    out['problem'] = config.uvloop_problem()\n"
+            "print(json.dumps(out))\n")
+    out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    try:
+        return json.loads(out.stdout)
+    except ValueError:
+        return {}
+
+
 def detect_client(preselect: Optional[str]) -> str:
     """The AsyncHTTPClient class the gateway's configure_http_client() leaves configured."""
     code = ("import sys\n"
@@ -2085,6 +2122,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-pool", action="store_true",
                         help="measure only the gateway as shipped (not its other upstream "
                              "client too)")
+    parser.add_argument("--no-uvloop", action="store_true",
+                        help="do not measure the gateway under --loop uvloop too (row "
+                             "'gw uvloop')")
     parser.add_argument("--skip", default="",
                         help="comma list of phases to skip: %s; analyze = the whole analyze "
                              "section (analyze,limits,overload)" % ",".join(PHASES))
@@ -2190,6 +2230,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 notes.append("%s not usable (%s): measured only the shipped gateway"
                              % (POOL_CLASS, pooled))
+    loops = {} if args.no_uvloop else detect_loops()
+    if loops.get("option"):
+        # the same gateway on the other event loop (the shipped default is asyncio)
+        if loops.get("default") != "uvloop" and not loops.get("problem"):
+            variants.append(Variant("gw uvloop", "python -m tornado_gateway as shipped, with "
+                                    "%s uvloop" % loops["option"], None,
+                                    [loops["option"], "uvloop"]))
+        elif loops.get("problem"):
+            notes.append("no 'gw uvloop' row: %s" % loops["problem"])
     names = [v.name for v in variants]
     if args.profile:
         chosen = [v for v in variants if v.name == args.profile]

@@ -375,3 +375,132 @@ def test_windows_kill_tree_without_taskkill_still_kills_the_child_and_descendant
     done = ctl.kill_tree(handle(777, p), ["d1", "d2"])  # used to raise: stop() never ended
     assert p.killed and killed == ["d1", "d2"]
     assert "not run" in done and done.endswith("and 2 descendant(s)")
+
+
+# --- POSIX: how the child's exit is observed (SIGCHLD callback, or a waiter thread) ----------
+
+class FakeSubprocess:
+    """tornado.process.Subprocess as PosixProcessControl uses it: .proc, .pid and
+    set_exit_callback (which raises ``refuse``, as it does under uvloop)."""
+
+    made = []
+
+    def __init__(self, argv, refuse=None, **kwargs):
+        self.proc = FakePopen(argv, **kwargs)
+        self.pid = self.proc.pid
+        self.refuse = refuse
+        self.callback = None
+        FakeSubprocess.made.append(self)
+
+    def set_exit_callback(self, callback):
+        if self.refuse is not None:
+            raise self.refuse
+        self.callback = callback
+
+
+SIGCHLD_TAKEN = RuntimeError("cannot add a signal handler for SIGCHLD: it is used by the event "
+                             "loop to track subprocesses")
+
+
+def posix_watch(threads, exit_watch="auto", keeps=False, refuse=None, rec=None):
+    rec = rec or Recorder()
+    FakeSubprocess.made = []
+    return PosixProcessControl(
+        killpg=rec.killpg, getpgid=rec.getpgid, kill=rec.kill,
+        kill_processes=rec.kill_processes, exit_watch=exit_watch, popen=FakePopen,
+        subprocess_factory=lambda argv, **kw: FakeSubprocess(argv, refuse=refuse, **kw),
+        start_thread=threads.append, keeps_sigchld=lambda loop: keeps)
+
+
+def check_posix_spawn_kwargs(popen):
+    assert popen.argv == ["py", "s.py"]
+    assert popen.kwargs == dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={"A": "1"}, cwd="/w",
+                                start_new_session=True)
+
+
+def test_posix_spawn_under_asyncio_uses_subprocess_exit_callback():
+    async def main():
+        threads, exits = [], []
+        h = posix_watch(threads).spawn(["py", "s.py"], {"A": "1"}, "/w", exits.append)
+        (proc,) = FakeSubprocess.made
+        check_posix_spawn_kwargs(proc.proc)
+        assert (h.pid, h.popen, h.stdout) == (777, proc.proc, proc.proc.stdout)
+        assert threads == [] and proc.callback is not None
+        proc.callback(-15)  # Subprocess's SIGCHLD handler saw the exit
+        assert await h.wait(5) and h.returncode == -15 and exits == [-15]
+
+    asyncio.run(main())
+
+
+def test_posix_spawn_on_a_loop_that_keeps_sigchld_uses_a_waiter_thread():
+    # uvloop: Subprocess's exit callback would raise, so none is made; Popen in its own
+    # session and a thread blocked in wait(), whose result is handed to the loop
+    async def main():
+        threads, exits = [], []
+        h = posix_watch(threads, keeps=True).spawn(["py", "s.py"], {"A": "1"}, "/w",
+                                                   exits.append)
+        assert FakeSubprocess.made == [] and isinstance(h.popen, FakePopen)
+        check_posix_spawn_kwargs(h.popen)
+        assert len(threads) == 1 and h.running
+        h.popen.code = 3
+        threads[0]()
+        assert await h.wait(5) and h.returncode == 3 and exits == [3]
+
+    asyncio.run(main())
+
+
+def test_posix_spawn_falls_back_to_a_thread_when_the_exit_callback_is_refused():
+    # the child already runs when set_exit_callback raises: it is watched, not orphaned
+    async def main():
+        threads, exits = [], []
+        h = posix_watch(threads, refuse=SIGCHLD_TAKEN).spawn(["py", "s.py"], {"A": "1"}, "/w",
+                                                             exits.append)
+        (proc,) = FakeSubprocess.made
+        assert h.popen is proc.proc and len(threads) == 1
+        proc.proc.code = -9
+        threads[0]()
+        assert await h.wait(5) and h.returncode == -9 and exits == [-9]
+
+    asyncio.run(main())
+
+
+def test_posix_exit_watch_forced_either_way():
+    async def main():
+        threads = []
+        posix_watch(threads, exit_watch="thread").spawn(["py", "s.py"], {"A": "1"}, "/w",
+                                                        lambda code: None)
+        assert FakeSubprocess.made == [] and len(threads) == 1
+        with pytest.raises(RuntimeError, match="SIGCHLD"):
+            posix_watch([], exit_watch="sigchld", keeps=True, refuse=SIGCHLD_TAKEN).spawn(
+                ["py", "s.py"], {"A": "1"}, "/w", lambda code: None)
+        assert len(FakeSubprocess.made) == 1  # "sigchld" ignores the loop's say
+
+    asyncio.run(main())
+    with pytest.raises(ValueError):
+        PosixProcessControl(exit_watch="poll")
+
+
+def test_posix_stop_and_kill_are_the_same_with_a_waiter_thread():
+    rec = Recorder()
+    ctl = posix_watch([], exit_watch="thread", rec=rec)
+    assert ctl.request_stop(handle()) == "SIGTERM to process group 4321"
+    assert ctl.kill_tree(handle(), ["a"]) == "SIGKILL to process group 4321 and 1 descendant(s)"
+    assert ctl.kill_leftovers(handle()) == "SIGKILL to process group 4321"
+    assert [c[0] for c in rec.calls] == ["getpgid", "killpg", "getpgid", "killpg",
+                                         "kill_processes", "killpg"]
+
+
+def test_loop_keeps_sigchld_only_for_uvloop():
+    loop = asyncio.new_event_loop()
+    try:
+        assert child.loop_keeps_sigchld(loop) is False
+    finally:
+        loop.close()
+    assert child.loop_keeps_sigchld(None) is False
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+    try:
+        assert child.loop_keeps_sigchld(loop) is True
+    finally:
+        loop.close()

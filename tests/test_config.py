@@ -302,3 +302,67 @@ def test_a_bad_flag_exits_2_with_the_usage_line(argv, complaint, capsys):
 def test_a_bad_environment_variable_still_only_warns():
     cfg, warnings = load({"GATEWAY_PORT": "abc"})
     assert cfg.port == 8080 and len(warnings) == 1
+
+
+# --- the event loop: asyncio (default) or uvloop --------------------------------------------
+
+def test_loop_defaults_to_asyncio_and_takes_uvloop_where_it_runs(monkeypatch):
+    from tornado_gateway import config
+
+    monkeypatch.setattr(config, "uvloop_problem", lambda: None)  # as if installed
+    assert load({})[0].loop == "asyncio"
+    cfg, warnings = load({"GATEWAY_LOOP": " UVLoop "})
+    assert cfg.loop == "uvloop" and warnings == []
+    assert load({"GATEWAY_LOOP": "uvloop"}, {"loop": "asyncio"})[0].loop == "asyncio"
+
+
+def test_loop_unknown_name_warns_and_uses_asyncio():
+    cfg, warnings = load({"GATEWAY_LOOP": "tokio"})
+    assert cfg.loop == "asyncio"
+    assert warnings == ["Invalid GATEWAY_LOOP='tokio' (must be 'asyncio' or 'uvloop'); using "
+                        "the default 'asyncio'."]
+
+
+def test_uvloop_from_the_environment_where_it_is_missing_warns_and_uses_asyncio(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    cfg, warnings = load({"GATEWAY_LOOP": "uvloop"})
+    assert cfg.loop == "asyncio" and len(warnings) == 1
+    assert warnings[0].startswith("Invalid GATEWAY_LOOP='uvloop' (uvloop is not installed")
+    assert "pip install uvloop, or use asyncio" in warnings[0]
+    assert warnings[0].endswith("using the default 'asyncio'.")
+
+
+def test_uvloop_problem_per_platform():
+    from tornado_gateway.config import uvloop_problem
+
+    def missing(name):
+        raise ImportError("No module named %r" % name)
+
+    assert uvloop_problem("win32", lambda name: None) == (
+        "uvloop does not run on Windows; use asyncio")
+    assert uvloop_problem("linux", lambda name: None) is None
+    assert uvloop_problem("darwin", missing).startswith("uvloop is not installed")
+
+
+def test_uvloop_flag_where_it_is_missing_exits_2(monkeypatch, capsys):
+    import sys
+
+    from tornado_gateway.__main__ import main
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    with pytest.raises(SystemExit) as info:
+        main(["--loop", "uvloop"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tornado-gateway")
+    assert "argument --loop: invalid value 'uvloop': uvloop is not installed" in err, err
+
+
+def test_unknown_loop_flag_exits_2(capsys):
+    from tornado_gateway.__main__ import main
+    with pytest.raises(SystemExit) as info:
+        main(["--loop", "trio"])
+    assert info.value.code == 2
+    assert "argument --loop: invalid value 'trio': must be 'asyncio' or 'uvloop'" in (
+        capsys.readouterr().err)

@@ -112,6 +112,10 @@ OPS = st.lists(st.one_of(
 # a worker ready before anyone handed it the queue: the next arrival must not overtake
 @example(n=2, limit=1, queue_limit=2,
          ops=[("down", 1), ("arrive",), ("arrive",), ("up_unannounced", 1), ("arrive",)])
+# the room of an unannounced worker goes to the queue when a read ends there
+@example(n=1, limit=1, queue_limit=1,
+         ops=[("arrive",), ("arrive",), ("read",), ("down", 0), ("complete", 0),
+              ("up_unannounced", 0), ("complete", 0)])
 @given(n=st.integers(1, 4), limit=st.integers(1, 3), queue_limit=st.integers(0, 6), ops=OPS)
 def test_dispatch_properties(n, limit, queue_limit, ops):
     """Never more work on a worker than its limit; never to a non-ready worker; FIFO among

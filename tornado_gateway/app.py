@@ -1,6 +1,7 @@
 """make_app(): the gateway's routes: the proxy, the status endpoint and the web page."""
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any, List, Optional
@@ -25,7 +26,8 @@ class JSONErrorMixin:
                 if getattr(type(self), m.lower(), None) is not getattr(base, m.lower(), None)]
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        reason = self._reason or "Error"  # type: ignore[attr-defined]
+        # "Method not allowed", as the gateway's own errors are written ("Not found")
+        reason = (self._reason or "Error").capitalize()  # type: ignore[attr-defined]
         suggestion = {
             405: "Use %s for this endpoint." % " or ".join(self.allowed_methods()),
             400: "Check the request line, headers and body.",
@@ -56,6 +58,8 @@ class StatusHandler(JSONErrorMixin, tornado.web.RequestHandler):
                 "mode": self.config.mode,
                 "uptime_s": round(time.monotonic() - self.started, 3),
                 "pid": os.getpid(),
+                # the loop serving (asyncio or uvloop): GATEWAY_LOOP, or an embedder's own
+                "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
             },
             "service": self.bridge.status(),
         })
@@ -65,7 +69,10 @@ class StatusHandler(JSONErrorMixin, tornado.web.RequestHandler):
 
 
 class IndexHandler(JSONErrorMixin, tornado.web.RequestHandler):
-    """``GET /``: the web page."""
+    """``GET /`` (and ``HEAD /``): the web page."""
+
+    def head(self) -> None:
+        self.get()  # Tornado sends the headers of the GET without its body
 
     def get(self) -> None:
         path = os.path.join(STATIC_DIR, "index.html")

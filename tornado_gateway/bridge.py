@@ -422,10 +422,9 @@ class PythonBridge:
             self.last_exit["stderr_tail"] = tail
         how = "was killed by signal %s" % sig if sig else "exited with code %s" % code
         lines = "\n".join("    " + t for t in tail) or "    (no stderr output)"
-        if sig == "SIGKILL":  # no stderr to explain it, and nothing to install or free
-            advice = errors.killed_by_sigkill_advice()
-        else:
-            advice = TROUBLESHOOTING.format(script=self.config.script, port=self.config.port)
+        advice = TROUBLESHOOTING.format(script=self.config.script, port=self.config.port)
+        if sig == "SIGKILL":  # no stderr to explain it: what usually sends it comes first
+            advice = errors.killed_by_sigkill_advice() + " " + advice
         if self.restarts < self.config.auto_restart:
             after = "It is restarted by itself (FLASK_AUTO_RESTART)."
         elif self.name is not None:

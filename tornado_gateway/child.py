@@ -7,7 +7,11 @@ tests can drive each platform's logic on any machine.
 
 POSIX: ``tornado.process.Subprocess`` in its own session (process group), exit through
 Subprocess's exit callback; stop = SIGTERM to the group, wait, then SIGKILL the group and every
-descendant seen before (psutil), which also reaches a Werkzeug reloader's grandchild.
+descendant seen before (psutil), which also reaches a Werkzeug reloader's grandchild. Under
+uvloop, which keeps SIGCHLD for itself (Subprocess's callback cannot be installed), and
+wherever else installing it fails, ``subprocess.Popen`` in its own session and a waiter thread
+(:func:`watch_exit_in_thread`, the Windows mechanism) report the exit instead; stopping is the
+same.
 
 Windows: Subprocess's exit callback does not work there, so ``subprocess.Popen`` with
 ``CREATE_NEW_PROCESS_GROUP`` and a waiter thread; stop = ``CTRL_BREAK_EVENT`` to the group
@@ -180,6 +184,39 @@ def kill_processes(processes: Sequence[psutil.Process]) -> int:
     return killed
 
 
+def daemon_thread(target: Callable[[], None]) -> None:
+    threading.Thread(target=target, name="child-waiter", daemon=True).start()
+
+
+def watch_exit_in_thread(popen: Any, exited: Callable[[int], None],
+                         start_thread: Callable[[Callable[[], None]], None] = daemon_thread
+                         ) -> None:
+    """Report ``popen``'s exit: a thread blocks in ``popen.wait()`` and hands the returncode
+    to ``exited`` on the current IOLoop. Needs no SIGCHLD handler: Windows has none, uvloop
+    keeps it for itself. (A loop already closed when the child exits drops the callback.)"""
+    from tornado.ioloop import IOLoop
+
+    loop = IOLoop.current()
+
+    def waiter() -> None:
+        loop.add_callback(exited, popen.wait())
+
+    start_thread(waiter)
+
+
+def loop_keeps_sigchld(loop: Optional[asyncio.AbstractEventLoop]) -> bool:
+    """True for an event loop that refuses other SIGCHLD handlers (uvloop: it tracks its own
+    subprocesses with it), so Subprocess's exit callback cannot be installed."""
+    return loop is not None and type(loop).__module__.split(".")[0] == "uvloop"
+
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class ProcessControl:
     """Spawn and stop a child. One subclass per platform family."""
 
@@ -207,33 +244,67 @@ class ProcessControl:
 
 
 class PosixProcessControl(ProcessControl):
+    """``exit_watch``: how the child's exit is observed. "auto" (default): Subprocess's
+    SIGCHLD exit callback, or a waiter thread when the running loop keeps SIGCHLD (uvloop) or
+    the callback cannot be installed (a loop outside the main thread); "sigchld" / "thread":
+    always that one."""
+
     name = "posix"
 
     def __init__(self, killpg: Callable[[int, int], None] = getattr(os, "killpg", None),
                  getpgid: Callable[[int], int] = getattr(os, "getpgid", None),
                  kill: Callable[[int, int], None] = os.kill,
-                 kill_processes: Callable[[Sequence[Any]], int] = kill_processes) -> None:
+                 kill_processes: Callable[[Sequence[Any]], int] = kill_processes,
+                 exit_watch: str = "auto",
+                 popen: Callable[..., Any] = subprocess.Popen,
+                 subprocess_factory: Optional[Callable[..., Any]] = None,
+                 start_thread: Callable[[Callable[[], None]], None] = daemon_thread,
+                 keeps_sigchld: Callable[[Any], bool] = loop_keeps_sigchld) -> None:
+        if exit_watch not in ("auto", "sigchld", "thread"):
+            raise ValueError("exit_watch must be 'auto', 'sigchld' or 'thread'")
         self._killpg = killpg
         self._getpgid = getpgid
         self._kill = kill
         self._kill_processes = kill_processes
+        self._exit_watch = exit_watch
+        self._popen = popen
+        self._subprocess = subprocess_factory
+        self._start_thread = start_thread
+        self._keeps_sigchld = keeps_sigchld
 
     def spawn(self, argv, env, cwd, on_exit):
-        from tornado.process import Subprocess
-
-        proc = Subprocess(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, env=env, cwd=cwd,
-                          # own process group: Ctrl+C in the terminal reaches only the gateway,
-                          # which stops the child in order; killpg reaches the grandchildren
-                          start_new_session=True)
-        handle = ChildHandle(pid=proc.pid, stdout=proc.proc.stdout, stderr=proc.proc.stderr,
-                             popen=proc.proc, _exited=asyncio.Event())
+        # own process group: Ctrl+C in the terminal reaches only the gateway, which stops the
+        # child in order; killpg reaches the grandchildren
+        kwargs = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                      env=env, cwd=cwd, start_new_session=True)
+        thread = self._exit_watch == "thread" or (
+            self._exit_watch == "auto" and self._keeps_sigchld(_running_loop()))
+        if thread:
+            popen = self._popen(list(argv), **kwargs)
+        else:
+            factory = self._subprocess
+            if factory is None:
+                from tornado.process import Subprocess as factory  # type: ignore[no-redef]
+            proc = factory(list(argv), **kwargs)
+            popen = proc.proc
+        handle = ChildHandle(pid=popen.pid, stdout=popen.stdout, stderr=popen.stderr,
+                             popen=popen, _exited=asyncio.Event())
 
         def exited(returncode: int) -> None:
             handle.mark_exited(returncode)
             on_exit(returncode)
 
-        proc.set_exit_callback(exited)
+        if not thread:
+            try:
+                proc.set_exit_callback(exited)
+                return handle
+            except RuntimeError as exc:
+                if self._exit_watch == "sigchld":
+                    raise
+                # the child runs already: watch it the other way rather than orphan it
+                log.debug("Subprocess's exit callback is unavailable (%s)", exc)
+        log.debug("a thread waits for the exit of pid %d", popen.pid)
+        watch_exit_in_thread(popen, exited, self._start_thread)
         return handle
 
     def _signal_group(self, handle: ChildHandle, sig: int) -> str:
@@ -285,32 +356,22 @@ class WindowsProcessControl(ProcessControl):
                  kill_processes: Callable[[Sequence[Any]], int] = kill_processes) -> None:
         self._popen = popen
         self._run = run
-        self._start_thread = start_thread or self._daemon_thread
+        self._start_thread = start_thread or daemon_thread
         self._kill_processes = kill_processes
 
-    @staticmethod
-    def _daemon_thread(target: Callable[[], None]) -> None:
-        threading.Thread(target=target, name="child-waiter", daemon=True).start()
-
     def spawn(self, argv, env, cwd, on_exit):
-        from tornado.ioloop import IOLoop
-
         popen = self._popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, cwd=cwd,
                             creationflags=self.CREATE_NEW_PROCESS_GROUP)
         handle = ChildHandle(pid=popen.pid, stdout=popen.stdout, stderr=popen.stderr,
                              popen=popen, _exited=asyncio.Event())
-        loop = IOLoop.current()
 
         def exited(returncode: int) -> None:
             handle.mark_exited(returncode)
             on_exit(returncode)
 
-        def waiter() -> None:
-            # Subprocess's exit callback relies on SIGCHLD, which Windows does not have
-            loop.add_callback(exited, popen.wait())
-
-        self._start_thread(waiter)
+        # Subprocess's exit callback relies on SIGCHLD, which Windows does not have
+        watch_exit_in_thread(popen, exited, self._start_thread)
         return handle
 
     def request_stop(self, handle):

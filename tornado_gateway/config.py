@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import ipaddress
 import logging
 import os
@@ -88,6 +89,10 @@ class GatewayConfig:
     worker_limit: int = 2
     queue_limit: int = 256  # requests waiting for a worker; beyond it: 503 overloaded at once
     queue_timeout: int = 30000  # longest wait for a worker, ms; then 503 overloaded
+    # The event loop of ``run()``: asyncio's own, or uvloop (its loop machinery in C; README,
+    # "Configuration", for what it measured). asyncio stays the default: under it the child's
+    # exit is reported by Subprocess's SIGCHLD callback, with no thread per child.
+    loop: str = "asyncio"
     mode: str = DEVELOPMENT
     flask: FlaskConfig = field(default_factory=FlaskConfig)
 
@@ -222,6 +227,33 @@ def _upstream(raw: str) -> str:
     return value
 
 
+LOOPS = ("asyncio", "uvloop")
+
+
+def uvloop_problem(platform: str = sys.platform,
+                   import_module: Callable[[str], Any] = importlib.import_module
+                   ) -> Optional[str]:
+    """Why uvloop cannot be used here, or None when it can."""
+    if platform.startswith("win"):
+        return "uvloop does not run on Windows; use asyncio"
+    try:
+        import_module("uvloop")
+    except ImportError as exc:
+        return "uvloop is not installed (%s); pip install uvloop, or use asyncio" % exc
+    return None
+
+
+def _loop(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOOPS:
+        raise ValueError("must be 'asyncio' or 'uvloop'")
+    if value == "uvloop":
+        problem = uvloop_problem()
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
 def _text(raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -276,6 +308,9 @@ SETTINGS: Dict[str, Setting] = {
     "queue_timeout": Setting("GATEWAY_QUEUE_TIMEOUT", "--queue-timeout", _positive_ms,
                              "gateway", "longest wait for a worker; then 503 overloaded", "ms",
                              metavar="MS"),
+    "loop": Setting("GATEWAY_LOOP", "--loop", _loop, "gateway",
+                    "the gateway's event loop: asyncio, or uvloop (POSIX, CPython)",
+                    metavar="LOOP"),
     "workers": Setting("FLASK_WORKERS", "--workers", _workers, "flask",
                        "worker processes, on ports FLASK_PORT, FLASK_PORT+1...", metavar="N"),
     "script": Setting("FLASK_SCRIPT", "--flask-script", _text, "flask",

@@ -151,13 +151,13 @@ class Dispatcher:
 
     def release(self, index: int, work: bool = True) -> None:
         """The request on worker ``index`` is over: a work request's place goes to the first
-        waiter."""
+        waiter (and any room not handed out yet, after a read too)."""
         if self.in_flight[index] <= 0 or (work and self.working[index] <= 0):
             raise RuntimeError("release() without a matching acquire on worker %d" % index)
         self.in_flight[index] -= 1
         if work:
             self.working[index] -= 1
-            self.kick()
+        self.kick()  # also after a read: whatever room exists goes to the queue
 
     def kick(self) -> None:
         """Hand free capacity to waiters, oldest first (after a release, or when a worker

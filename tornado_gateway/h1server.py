@@ -289,8 +289,9 @@ class _Connection(asyncio.BufferedProtocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport, but not necessarily an asyncio.Transport subclass: uvloop's
+        # TCPTransport implements the same interface without deriving from it
+        self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         family = sock.family if sock is not None else socket.AF_INET
         self.context = _Context(transport.get_extra_info("peername"), family)

@@ -546,7 +546,12 @@ class _Upstream(asyncio.Protocol):
 
     def __init__(self, tls: bool) -> None:
         self.transport: asyncio.Transport | None = None
-        self.sock: socket.socket | None = None  # the raw socket, for the MSG_PEEK check
+        # The socket _open() made and handed to create_connection(sock=...), for the MSG_PEEK
+        # check and the salvage: a real socket on every loop. Never the transport's
+        # get_extra_info("socket"): uvloop's is a PseudoSocket whose recv() raises TypeError.
+        # uvloop uses this socket's fd as it is and detaches it only after connection_lost(),
+        # as asyncio closes it only then: both reads work under both loops (tests/test_loops.py).
+        self.sock: socket.socket | None = None
         self.tls = tls
         self.closed = False
         self.exchange: _PooledConnection | None = None

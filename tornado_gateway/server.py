@@ -54,6 +54,7 @@ class SignalCatcher:
         self._previous: Dict[int, Any] = {}
         self._loop_handlers: List[int] = []
         self._loop_previous: Dict[int, Any] = {}  # the host's own loop.add_signal_handler
+        self._lost: List[int] = []  # the host's loop handlers that cannot be read back
 
     def install(self) -> bool:
         if threading.current_thread() is not threading.main_thread():
@@ -68,9 +69,20 @@ class SignalCatcher:
             else:
                 # add_signal_handler replaces a callback the host program registered on this
                 # loop, and remove_signal_handler would drop it: keep it to put it back
-                host = getattr(self._loop, "_signal_handlers", {}).get(sig)
-                if host is not None:
-                    self._loop_previous[sig] = host
+                handlers = getattr(self._loop, "_signal_handlers", None)
+                if isinstance(handlers, dict):  # asyncio's loops
+                    host = handlers.get(sig)
+                    if host is not None:
+                        self._loop_previous[sig] = host
+                elif getattr(self._previous[sig], "__self__", None) is self._loop:
+                    # uvloop keeps its handlers out of reach; the Python-level handler being
+                    # the loop's own says one is registered, but not which
+                    self._lost.append(sig)
+                    log.warning("This %s event loop already has a handler for %s: the "
+                                "gateway's replaces it and cannot give it back afterwards "
+                                "(the loop does not expose it); register it again after "
+                                "serve() returns.", type(self._loop).__module__.split(".")[0],
+                                signal.Signals(sig).name)
                 self._loop.add_signal_handler(sig, self._on_signal, sig)
                 self._loop_handlers.append(sig)
         return True
@@ -80,9 +92,12 @@ class SignalCatcher:
             self._loop.remove_signal_handler(sig)
         self._loop_handlers.clear()
         for sig, previous in self._previous.items():
-            if previous is not None:
+            # a lost loop handler: the loop's own wake-up function would now swallow the
+            # signal; remove_signal_handler() left the default action instead
+            if previous is not None and sig not in self._lost:
                 signal.signal(sig, previous)
         self._previous.clear()
+        self._lost.clear()
         for sig, host in self._loop_previous.items():
             self._loop.add_signal_handler(sig, host._callback, *host._args)
         self._loop_previous.clear()
@@ -200,6 +215,7 @@ async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
         catcher.install()
     try:
         start_task = asyncio.ensure_future(bridge.start())
+        start_task.add_done_callback(lambda task: _announce_ready(task, bridge, base))
         await stop_event.wait()
         server.stop()
         await bridge.stop()
@@ -219,10 +235,79 @@ async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
     return 0
 
 
-def run(config: GatewayConfig) -> int:
-    """Run the gateway in a fresh event loop until Ctrl+C / SIGTERM; return the exit code."""
+def loop_factory(name: str) -> Optional[Callable[[], asyncio.AbstractEventLoop]]:
+    """What makes the event loop ``name`` ("asyncio" or "uvloop", ``GatewayConfig.loop``);
+    None for asyncio's default. Raises RuntimeError when uvloop cannot be used here."""
+    if name == "asyncio":
+        return None
+    if name != "uvloop":
+        raise ValueError("unknown event loop %r (asyncio or uvloop)" % name)
+    from .config import uvloop_problem
+
+    problem = uvloop_problem()
+    if problem:
+        raise RuntimeError("loop='uvloop': " + problem)
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
+def run_in_new_loop(make_main: Callable[[], Any],
+                    factory: Optional[Callable[[], asyncio.AbstractEventLoop]] = None,
+                    version: tuple = sys.version_info[:2]) -> Any:
+    """``asyncio.run(make_main())`` in a loop made by ``factory`` (asyncio's default when
+    None): ``asyncio.Runner(loop_factory=...)`` from Python 3.11, the same steps as
+    asyncio.run by hand before it (3.9, 3.10)."""
+    if factory is None:
+        return asyncio.run(make_main())
+    if version >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:  # type: ignore[attr-defined]
+            return runner.run(make_main())
+    loop = factory()
     try:
-        return asyncio.run(serve(config))
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(make_main())
+    finally:
+        try:
+            _cancel_all_tasks(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    # what asyncio.run does with the tasks left when its coroutine returns
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler({"message": "unhandled exception during shutdown",
+                                         "exception": task.exception(), "task": task})
+
+
+def _announce_ready(task: "asyncio.Future[bool]", bridge: Any, base: str) -> None:
+    """Say, in every mode, when the service first serves (the listening line comes before)."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    workers = getattr(bridge, "workers", None) or [bridge]
+    ready = sum(1 for w in workers if w.is_flask_ready())
+    if ready:
+        announce.info("Deepfake service ready (%d of %d worker%s): %s/api/deepfake/", ready,
+                      len(workers), "" if len(workers) == 1 else "s", base)
+
+
+def run(config: GatewayConfig) -> int:
+    """Run the gateway in a fresh event loop (``config.loop``: asyncio's, or uvloop's) until
+    Ctrl+C / SIGTERM; return the exit code."""
+    factory = loop_factory(config.loop)
+    try:
+        return run_in_new_loop(lambda: serve(config), factory)
     except KeyboardInterrupt:
         # a Ctrl+C before serve() installed its handlers (no child yet; serve() stops one it
         # has started) or after it gave them back (the child is stopped by then)

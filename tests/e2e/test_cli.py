@@ -27,6 +27,27 @@ from gw_realproc import (PROJECT_DIR, orphans, pid_alive, port_is_free,  # noqa:
 
 pytestmark = pytest.mark.integration
 
+try:
+    import uvloop  # noqa: F401
+    HAVE_UVLOOP = True
+except ImportError:
+    HAVE_UVLOOP = False
+# each loop the gateway can run on (--loop): asyncio by default, uvloop where it is installed
+LOOPS = pytest.mark.parametrize("loop", [
+    "asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
+        not HAVE_UVLOOP, reason="uvloop is not installed (or Windows)"))])
+
+
+def loop_flag(loop: str) -> List[str]:
+    return [] if loop == "asyncio" else ["--loop", loop]  # asyncio: the default, unnamed
+
+
+def check_loop(gw: "Gateway", status: dict, loop: str) -> None:
+    """The gateway runs on ``loop``, and under uvloop a thread waits for each child's exit
+    (uvloop keeps SIGCHLD for itself); under asyncio Subprocess's exit callback does."""
+    assert status["gateway"]["loop"] == loop
+    assert ("a thread waits for the exit of pid" in gw.output()) is (loop == "uvloop")
+
 CLEAN_ENV_PREFIXES = ("FLASK_", "GATEWAY_", "TORNADO_GATEWAY_", "NODE_ENV", "CRASH_AFTER",
                       "SLOW_START", "DEEPFAKE_")
 
@@ -125,13 +146,16 @@ def child_gone(pid: int, port: int, timeout: float = 3.0) -> bool:
 
 
 @pytest.mark.timeout(40)
+@LOOPS
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_cli_serves_proxies_and_exits_0_on_signal(gateway, sig):
+def test_cli_serves_proxies_and_exits_0_on_signal(gateway, sig, loop):
     if sig == signal.SIGINT:
-        gw = gateway("--flask-script", "tests/child_scripts/healthy.py")
+        gw = gateway("--flask-script", "tests/child_scripts/healthy.py", *loop_flag(loop))
     else:  # the same settings from the environment
-        gw = gateway(env={"FLASK_SCRIPT": "tests/child_scripts/healthy.py"})
+        gw = gateway(env={"FLASK_SCRIPT": "tests/child_scripts/healthy.py",
+                          **({"GATEWAY_LOOP": loop} if loop != "asyncio" else {})})
     status = gw.wait_ready()
+    check_loop(gw, status, loop)
     child = status["service"]["pid"]
     assert pid_alive(child)
     assert status["gateway"]["pid"] == gw.proc.pid
@@ -179,9 +203,10 @@ def test_cli_child_that_ignores_sigterm_is_killed_and_exit_is_0(gateway):
 
 
 @pytest.mark.timeout(40)
-def test_cli_second_sigint_forces_a_slow_shutdown(gateway):
+@LOOPS
+def test_cli_second_sigint_forces_a_slow_shutdown(gateway, loop):
     gw = gateway("--flask-script", "tests/child_scripts/ignores_sigterm.py",
-                 "--shutdown-timeout", "20000")
+                 "--shutdown-timeout", "20000", *loop_flag(loop))
     child = gw.wait_ready()["service"]["pid"]
     gw.send(signal.SIGINT)
     assert wait_until(lambda: "Stopping the Flask server" in gw.output(), 3)
@@ -279,9 +304,12 @@ def test_cli_request_during_start_waits_for_ready(gateway):
 
 
 @pytest.mark.timeout(40)
-def test_cli_child_crash_gives_503_and_a_clean_exit(gateway):
-    gw = gateway("--flask-script", "tests/child_scripts/crasher.py")
-    child = gw.wait_ready()["service"]["pid"]
+@LOOPS
+def test_cli_child_crash_gives_503_and_a_clean_exit(gateway, loop):
+    gw = gateway("--flask-script", "tests/child_scripts/crasher.py", *loop_flag(loop))
+    status = gw.wait_ready()
+    check_loop(gw, status, loop)
+    child = status["service"]["pid"]
     code, body = gw.get("/api/deepfake/crash")
     assert code == 200 and body == {"crashing": True}
     assert wait_until(lambda: gw.status()["service"]["state"] == "exited", 5)
@@ -340,8 +368,9 @@ def test_cli_flask_port_in_use_gateway_still_serves_and_exits_0(gateway, orphans
 
 
 @pytest.mark.timeout(60)
-def test_cli_reloader_app_leaves_nothing_behind(gateway):
-    gw = gateway("--flask-script", "tests/child_scripts/reloader_app.py")
+@LOOPS
+def test_cli_reloader_app_leaves_nothing_behind(gateway, loop):
+    gw = gateway("--flask-script", "tests/child_scripts/reloader_app.py", *loop_flag(loop))
     reloader = gw.wait_ready(timeout=30)["service"]["pid"]
     assert wait_until(lambda: psutil.Process(reloader).children(), 5)
     server = psutil.Process(reloader).children()[0].pid
@@ -398,18 +427,22 @@ def test_cli_production_mode_is_quiet_but_shows_the_child(gateway):
                      r"http://127\.0\.0\.1:%d/api/deepfake/" % (gw.port, workers, gw.port,
                                                                  gw.port), out), out
     assert out.rstrip().endswith("INFO    Gateway stopped.")
+    assert re.search(r"INFO    Deepfake service ready \(\d of %d workers?\): "
+                     r"http://127\.0\.0\.1:%d/api/deepfake/" % (workers, gw.port), out), out
     rest = "\n".join(line for line in out.splitlines()
-                     if "Gateway listening on" not in line and "Gateway stopped." not in line)
+                     if not re.search(r"Gateway listening on|Gateway stopped\.|"
+                                      r"Deepfake service ready \(", line))
     assert " INFO " not in rest.replace("INFO    [Python]", "")
     assert "Flask server ready" not in out
 
 
 @pytest.mark.timeout(40)
-def test_cli_ctrl_c_pressed_three_times_still_exits_0(gateway):
+@LOOPS
+def test_cli_ctrl_c_pressed_three_times_still_exits_0(gateway, loop):
     """Users press Ctrl+C repeatedly: the third one may arrive while the gateway has already
     given the previous signal handlers back; it must not turn a clean exit into 130."""
     gw = gateway("--flask-script", "tests/child_scripts/ignores_sigterm.py",
-                 "--shutdown-timeout", "20000")
+                 "--shutdown-timeout", "20000", *loop_flag(loop))
     child = gw.wait_ready()["service"]["pid"]
     for _ in range(3):
         gw.send(signal.SIGINT, group=True)
@@ -433,15 +466,20 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.timeout(40)
-def test_cli_ctrl_c_during_setup_exits_0_and_leaves_nothing(gateway, orphans, tmp_path):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_cli_ctrl_c_during_setup_exits_0_and_leaves_nothing(gateway, orphans, tmp_path,
+                                                             inherited):
+    """Also when started as a script's background job, which inherits SIGINT ignored."""
     port, flask_port = orphans.port(), orphans.port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV_PREFIXES)}
     env["CHILD_NO_WATCH"] = "1"  # so a child left behind would really stay
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) \
+        if inherited == "ignored" else None
     proc = subprocess.run(
         [sys.executable, "-c", SIGINT_DURING_SETUP, "--port", str(port), "--flask-port",
          str(flask_port), "--flask-script", "tests/child_scripts/healthy.py"],
         cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        timeout=20, start_new_session=True)
+        timeout=20, start_new_session=True, preexec_fn=ignore)
     out = proc.stdout.decode("utf-8", "replace")
     assert proc.returncode == 0, out
     assert "Traceback" not in out

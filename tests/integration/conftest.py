@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from typing import List
 
 import pytest
@@ -28,12 +29,16 @@ class LineSink:
 
     def __init__(self) -> None:
         self.lines: List = []
+        # the stdout and stderr pumps call this from two threads: keeping and logging a line
+        # as one step keeps self.lines in the order the log records have
+        self._lock = threading.Lock()
 
     def __call__(self, line) -> None:
         from tornado_gateway.logpump import log_sink
 
-        self.lines.append(line)
-        log_sink(line)
+        with self._lock:
+            self.lines.append(line)
+            log_sink(line)
 
     def texts(self, stream=None) -> List[str]:
         return [ln.text for ln in list(self.lines) if stream in (None, ln.stream)]

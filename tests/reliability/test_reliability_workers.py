@@ -74,10 +74,11 @@ def test_sigkill_of_one_worker_under_load(gateways):
     os.kill(victim, signal.SIGKILL)
     runner.join(60)
     counts = result[0]
-    # in flight on the killed worker: 502 (at most its limit, plus one caught between the
-    # kill and the gateway seeing the exit); never a 503 while the other worker is ready
+    # 502 for what was in flight on the killed worker (at most its limit, 2) and for what was
+    # sent to it between the kill and the gateway seeing the exit (a few ms: measured 0-4);
+    # never a 503 while the other worker is ready
     assert set(counts) <= {200, 502}, counts
-    assert counts[502] <= 4, counts
+    assert counts[502] <= 8, counts
     assert counts[200] > 50, counts
     assert not alive(victim, created)
     # restarted (FLASK_AUTO_RESTART=1): both serve again, the dead one with a new pid
