@@ -956,3 +956,23 @@ async def test_early_413_reaches_a_stalled_client_at_once(production_stack):
     assert got["answered"] < 10, got
     assert got["closed"] and got["ended"] < 10, got
     await _after_refusal_all_is_well(port, bridge, records)
+
+
+@pytest.mark.parametrize("impl", [None, "tornado_gateway.pool.KeepAliveHTTPClient"],
+                         ids=["simple", "pool"])
+async def test_no_user_agent_is_invented_for_the_child(gw_port, config, impl):
+    """A request without User-Agent reaches the child without one (Tornado's clients would
+    add 'Tornado/x.y'); one the client sent passes unchanged."""
+    from tornado.httpclient import AsyncHTTPClient
+    saved = AsyncHTTPClient._save_configuration()
+    configure_http_client(config, impl=impl or "tornado.simple_httpclient.SimpleAsyncHTTPClient")
+    try:
+        for extra, expected in ((b"", None), (b"User-Agent: curl/8.0\r\n", "curl/8.0")):
+            code, _, _, body = await raw_response(
+                gw_port, b"GET /api/deepfake/echo HTTP/1.1\r\nHost: t\r\n" + extra +
+                b"Connection: close\r\n\r\n")
+            assert code == 200
+            sent = {k.lower(): v for k, v in json.loads(body)["headers"]}
+            assert sent.get("user-agent") == expected, sent
+    finally:
+        AsyncHTTPClient._restore_configuration(saved)

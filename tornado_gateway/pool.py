@@ -1114,7 +1114,8 @@ class _PooledConnection:
             )
         if request.user_agent:
             headers["User-Agent"] = request.user_agent
-        elif get_field(headers, "User-Agent") is None:
+        elif get_field(headers, "User-Agent") is None and "User-Agent" not in headers:
+            # (the second test lets headers that must be sent exactly, the proxy's, say no)
             headers["User-Agent"] = f"Tornado/{version}"
         if not request.allow_nonstandard_methods:
             body_expected = method in ("POST", "PATCH", "PUT")

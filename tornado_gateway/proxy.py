@@ -345,21 +345,33 @@ _filter = _QuietAbortFilter()
 if not any(isinstance(f, _QuietAbortFilter) for f in logging.getLogger("tornado.application").filters):
     logging.getLogger("tornado.application").addFilter(_filter)
 
-class _ExactRequestHeaders(httputil.HTTPHeaders):
-    """Upstream request headers that claim to hold a ``Content-Type`` once sealed.
+# Headers Tornado's HTTP clients (and the keep-alive pool, which follows them) add when a
+# request lacks them: a form Content-Type on every POST, "User-Agent: Tornado/x.y".
+_CLIENT_DEFAULTS = frozenset({"content-type", "user-agent"})
 
-    Tornado's HTTP clients (and the keep-alive pool, which follows them) add
-    ``Content-Type: application/x-www-form-urlencoded`` to every POST without one: the child
-    would see a form the client never sent. A proxy must not invent headers, so after sealing
-    ``"Content-Type" in headers`` is always true and only the client's own headers are sent.
+
+class _ExactRequestHeaders(httputil.HTTPHeaders):
+    """Upstream request headers that claim to hold a ``Content-Type`` and a ``User-Agent``
+    once sealed.
+
+    Tornado's clients add what :data:`_CLIENT_DEFAULTS` names when ``name in headers`` is
+    false: the child would see a form, or a User-Agent, the client never sent. A proxy must
+    not invent headers, so after sealing those tests are true and only the client's own
+    headers are sent.
     """
 
     _sealed = False
 
     def __contains__(self, name: object) -> bool:
-        if self._sealed and isinstance(name, str) and name.lower() == "content-type":
+        if self._sealed and isinstance(name, str) and name.lower() in _CLIENT_DEFAULTS:
             return True
         return super().__contains__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        value = super().get(name, default)
+        if value is None and self._sealed and name.lower() in _CLIENT_DEFAULTS:
+            return ""  # present, for a client deciding whether to add its default (simple)
+        return value
 
 
 class _UpstreamRequest(HTTPRequest):
