@@ -99,6 +99,11 @@ class WorkerGroup:
         return any(worker.is_flask_ready() for worker in self.workers)
 
     @property
+    def ready_count(self) -> int:
+        """How many workers are ``ready``."""
+        return sum(1 for worker in self.workers if worker.is_flask_ready())
+
+    @property
     def flask_url(self) -> str:
         """The first worker's URL (each request goes to the one :meth:`acquire` names)."""
         return self.workers[0].flask_url
@@ -230,9 +235,6 @@ class WorkerGroup:
         for worker, result in zip(self.workers, results):
             if isinstance(result, BaseException):
                 log.error("Starting %s failed: %r", worker.name or "the worker", result)
-        if len(self.workers) > 1:
-            ready = sum(1 for w in self.workers if w.is_flask_ready())
-            log.info("%d of %d workers ready.", ready, len(self.workers))
         return self.is_flask_ready()
 
     async def stop(self, timeout_s: Optional[float] = None) -> None:
@@ -254,24 +256,20 @@ class WorkerGroup:
         """The status of ``GET /api/gateway/status``: with one worker, exactly that worker's
         fields; with several, the group's state and the first ready worker's details; plus
         every worker and the queue."""
-        workers = []
-        for index, worker in enumerate(self.workers):
-            item = worker.status()
+        workers = [worker.status() for worker in self.workers]
+        if len(self.workers) == 1:
+            status = dict(workers[0])
+        else:
+            ready = self.ready_count
+            lead = next((i for i, w in enumerate(self.workers) if w.is_flask_ready()), 0)
+            status = dict(workers[lead])
+            status.update(state=self.state.value, ready=ready > 0,
+                          message=self.describe_state(ready))
+        for index, (worker, item) in enumerate(zip(self.workers, workers)):
             item.update(index=index + 1, name=worker.name, port=worker.config.port,
                         in_flight=self.dispatcher.in_flight[index],
                         work_in_flight=self.dispatcher.working[index],
                         served=self.dispatcher.served[index])
-            workers.append(item)
-        if len(self.workers) == 1:
-            status = dict(workers[0])
-            for key in ("index", "name", "port", "in_flight", "work_in_flight", "served"):
-                del status[key]
-        else:
-            lead = next((w for w in self.workers if w.is_flask_ready()), self.workers[0])
-            status = lead.status()
-            ready = sum(1 for w in self.workers if w.is_flask_ready())
-            status.update(state=self.state.value, ready=ready > 0,
-                          message=self.describe_state(ready))
         status["workers"] = workers
         d = self.dispatcher
         status["dispatch"] = {"worker_limit": d.limit, "queue_limit": d.queue_limit,
@@ -285,7 +283,7 @@ class WorkerGroup:
         if len(self.workers) == 1:
             return self.workers[0].describe_state()
         if ready is None:
-            ready = sum(1 for w in self.workers if w.is_flask_ready())
+            ready = self.ready_count
         total = len(self.workers)
         if ready == total:
             return "The deepfake service is running and healthy (%d workers)." % total

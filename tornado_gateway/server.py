@@ -188,10 +188,9 @@ async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
     port = sockets[0].getsockname()[1]
     base = "http://%s:%d" % (config.host if ":" not in config.host else "[%s]" % config.host,
                              port)
-    workers = len(getattr(bridge, "workers", ())) or 1
-    announce.info("Gateway listening on %s (%s mode, %d worker%s): the web page at %s/, the "
-                  "API at %s/api/deepfake/", base, config.mode, workers,
-                  "" if workers == 1 else "s", base, base)
+    announce.info("Gateway listening on %s (%s mode, %s): the web page at %s/, the "
+                  "API at %s/api/deepfake/", base, config.mode,
+                  _workers(len(getattr(bridge, "workers", ())) or 1), base, base)
     if config.host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("The gateway listens on %s: anyone who can reach this machine can use it. "
                     "It has no authentication.", config.host)
@@ -295,11 +294,17 @@ def _announce_ready(task: "asyncio.Future[bool]", bridge: Any, base: str) -> Non
     """Say, in every mode, when the service first serves (the listening line comes before)."""
     if task.cancelled() or task.exception() is not None:
         return
-    workers = getattr(bridge, "workers", None) or [bridge]
-    ready = sum(1 for w in workers if w.is_flask_ready())
+    total = len(getattr(bridge, "workers", ())) or 1
+    ready = getattr(bridge, "ready_count", None)
+    if ready is None:  # a PythonBridge of the embedder's: one child
+        ready = int(bridge.is_flask_ready())
     if ready:
-        announce.info("Deepfake service ready (%d of %d worker%s): %s/api/deepfake/", ready,
-                      len(workers), "" if len(workers) == 1 else "s", base)
+        announce.info("Deepfake service ready (%d of %s): %s/api/deepfake/", ready,
+                      _workers(total), base)
+
+
+def _workers(count: int) -> str:
+    return "%d worker%s" % (count, "" if count == 1 else "s")
 
 
 def run(config: GatewayConfig) -> int:
