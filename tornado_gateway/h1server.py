@@ -62,7 +62,7 @@ from tornado.iostream import StreamClosedError
 from tornado.log import app_log, gen_log
 
 from . import errors
-from .headers import field_lines, get_field, parse_header_block
+from .http.headers import field_lines, get_field, parse_header_block
 
 __all__ = ["GatewayHTTPServer"]
 

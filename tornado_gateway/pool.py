@@ -122,7 +122,7 @@ from tornado.iostream import StreamClosedError
 from tornado.log import app_log, gen_log
 from tornado.util import GzipDecompressor
 
-from .headers import copy_headers, field_lines, get_field, parse_header_block
+from .http.headers import copy_headers, field_lines, get_field, parse_header_block
 from tornado.netutil import OverrideResolver, Resolver, is_valid_ip, ssl_options_to_context
 from tornado.simple_httpclient import (
     HTTPStreamClosedError,

@@ -70,9 +70,10 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from . import errors
 from .config import GatewayConfig
 from .errors import GatewayError, write_error_response
-from .headers import (copy_headers, empty_headers, get_field, get_fields,
+from .http.headers import (copy_headers, empty_headers, get_field, get_fields,
                       headers_from_fields)
-from .headers import fields as header_fields
+from .http.headers import fields as header_fields
+from .http.framing import check_framing, declared_length, has_request_body
 
 log = logging.getLogger("tornado_gateway.proxy")
 
@@ -242,48 +243,6 @@ def client_response_headers(headers: httputil.HTTPHeaders) -> List[Tuple[str, st
 _DIGITS = re.compile(r"^[0-9]+$")
 # What RequestHandler.add_header() refuses in a value (it raises ValueError).
 _UNSENDABLE = re.compile(r"[\x00-\x1f]")
-
-
-def check_framing(headers: httputil.HTTPHeaders) -> Optional[GatewayError]:
-    """The error to answer for a request whose body framing is ambiguous, or None.
-
-    Tornado applies the same rules, but only when it starts reading the body: after
-    ``prepare()`` has already opened the upstream exchange, so without this check the child
-    could act on a request the gateway then refuses (e.g. ``Content-Length: 0`` plus
-    ``Transfer-Encoding: chunked``). Refused: Content-Length together with
-    Transfer-Encoding, any Transfer-Encoding other than one ``chunked``, and Content-Length
-    values that are not plain digits or that disagree.
-    """
-    encodings = headers.get_list("Transfer-Encoding")
-    lengths = headers.get_list("Content-Length")
-    if encodings and lengths:
-        return errors.ambiguous_framing("both Content-Length and Transfer-Encoding")
-    if encodings and (len(encodings) != 1 or encodings[0].strip().lower() != "chunked"):
-        return errors.ambiguous_framing("Transfer-Encoding must be exactly 'chunked'")
-    pieces = [p.strip() for value in lengths for p in value.split(",")]
-    if pieces and (not all(_DIGITS.match(p) for p in pieces) or len(set(pieces)) != 1):
-        return errors.ambiguous_framing("invalid or conflicting Content-Length")
-    return None
-
-
-def declared_length(headers: httputil.HTTPHeaders) -> Optional[int]:
-    """The request's Content-Length as an int, or None when absent (Tornado already refused
-    malformed values)."""
-    value = get_field(headers, "Content-Length")
-    if value is None:
-        return None
-    try:
-        return int(value.split(",")[0].strip())
-    except ValueError:
-        return None
-
-
-def has_request_body(headers: httputil.HTTPHeaders) -> bool:
-    """True when the request carries body bytes (Content-Length > 0, or chunked)."""
-    if "chunked" in (get_field(headers, "Transfer-Encoding") or "").lower():
-        return True
-    length = declared_length(headers)
-    return bool(length and length > 0)
 
 
 def configure_http_client(config: GatewayConfig, impl: Any = None, **kwargs: Any) -> None:

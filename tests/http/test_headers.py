@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from tornado import httputil
 
-from tornado_gateway import headers as fast
+from tornado_gateway.http import headers as fast
 
 TOKEN = st.text(alphabet="!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
                 min_size=1, max_size=12)
