@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Any, List, Optional
 
 import tornado.web
+from tornado.log import access_log
 
 from . import __version__
+from .auth import Access, access_for, redact
 from .config import GatewayConfig
 from .errors import GatewayError, not_found, write_error_response
 from .proxy import proxy_routes
@@ -45,13 +48,28 @@ class JSONErrorMixin:
 class StatusHandler(JSONErrorMixin, tornado.web.RequestHandler):
     """``GET /api/gateway/status``: the gateway and the child, for people and the web page."""
 
-    def initialize(self, bridge: Any, config: GatewayConfig, started: float) -> None:
+    def initialize(self, bridge: Any, config: GatewayConfig, started: float,
+                   access: Optional[Access] = None) -> None:
         self.bridge = bridge
         self.config = config
         self.started = started
+        self.access = access
 
     def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
+        if self.access is not None and not self.access.allows(
+                self.request.headers.get("Authorization")):
+            # Open for load balancers' health checks, and for the web page before it has the
+            # token: whether the service can serve, nothing about processes, ports or errors.
+            status = self.bridge.status()
+            workers = status.get("workers") or [status]
+            self.write({"service": {
+                "state": status.get("state"), "ready": bool(status.get("ready")),
+                "workers_ready": sum(1 for w in workers if w.get("ready")),
+                "workers": len(workers)},
+                "auth": {"required": True, "message": "Send 'Authorization: Bearer <token>' "
+                         "for the full status."}})
+            return
         self.write({
             "gateway": {
                 "version": __version__,
@@ -91,21 +109,43 @@ class NotFoundHandler(JSONErrorMixin, tornado.web.RequestHandler):
         write_error_response(self, not_found(self.request.path))
 
 
-def gateway_routes(bridge: Any, config: GatewayConfig) -> List[Any]:
-    """The gateway's own routes and the proxy, for embedding in another Application."""
-    return proxy_routes(bridge, config) + [
+def gateway_routes(bridge: Any, config: GatewayConfig,
+                   access: Optional[Access] = None) -> List[Any]:
+    """The gateway's own routes and the proxy, for embedding in another Application.
+    ``access`` is who may use the API (``auth.py``); by default what ``config`` says."""
+    if access is None:
+        access = access_for(config)
+    return proxy_routes(bridge, config, access) + [
         (r"/api/gateway/status", StatusHandler,
-         dict(bridge=bridge, config=config, started=time.monotonic())),
+         dict(bridge=bridge, config=config, started=time.monotonic(), access=access)),
     ]
 
 
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log line, with any ``token`` query parameter masked."""
+    status = handler.get_status()
+    level = (logging.INFO if status < 400 else
+             logging.WARNING if status < 500 else logging.ERROR)
+    if access_log.isEnabledFor(level):
+        request = handler.request
+        access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method,
+                       redact(request.uri or ""), request.remote_ip,
+                       1000.0 * request.request_time())
+
+
 def make_app(bridge: Any, config: Optional[GatewayConfig] = None,
-             **settings: Any) -> tornado.web.Application:
+             access: Optional[Access] = None, **settings: Any) -> tornado.web.Application:
     """The gateway's Application: ``/api/deepfake/*`` proxied to the bridge's child,
     ``/api/gateway/status``, the web page at ``/`` and ``/static/``, JSON 404 elsewhere.
-    Extra ``settings`` go to the Application."""
+    ``access`` is who may use the API (by default what ``config`` says; the decision is the
+    Application's ``settings["gateway_access"]``). Extra ``settings`` go to the
+    Application."""
     config = config or GatewayConfig()
-    routes = gateway_routes(bridge, config) + [
+    if access is None:
+        access = access_for(config)
+    settings.setdefault("gateway_access", access)
+    settings.setdefault("log_function", _log_request)
+    routes = gateway_routes(bridge, config, access) + [
         (r"/", IndexHandler),
         (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
     ]

@@ -93,6 +93,12 @@ class GatewayConfig:
     # "Configuration", for what it measured). asyncio stays the default: under it the child's
     # exit is reported by Subprocess's SIGCHLD callback, with no thread per child.
     loop: str = "asyncio"
+    # Who may use the API (auth.py): "auto" protects the API with a token when one is given
+    # or when the gateway listens beyond loopback (one is generated); "token" always; "none"
+    # never (authentication in front of the gateway).
+    auth: str = "auto"
+    token: Optional[str] = field(default=None, repr=False)  # never printed
+    token_file: Optional[str] = None
     mode: str = DEVELOPMENT
     flask: FlaskConfig = field(default_factory=FlaskConfig)
 
@@ -228,6 +234,14 @@ def _upstream(raw: str) -> str:
 
 
 LOOPS = ("asyncio", "uvloop")
+AUTH_MODES = ("auto", "token", "none")
+
+
+def _auth(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in AUTH_MODES:
+        raise ValueError("must be 'auto', 'token' or 'none'")
+    return value
 
 
 def uvloop_problem(platform: str = sys.platform,
@@ -311,6 +325,14 @@ SETTINGS: Dict[str, Setting] = {
     "loop": Setting("GATEWAY_LOOP", "--loop", _loop, "gateway",
                     "the gateway's event loop: asyncio, or uvloop (POSIX, CPython)",
                     metavar="LOOP"),
+    "auth": Setting("GATEWAY_AUTH", "--auth", _auth, "gateway",
+                    "API access: auto (a token when given, or generated when listening beyond "
+                    "loopback), token (always), none (open: authenticate in front)",
+                    metavar="MODE"),
+    "token": Setting("GATEWAY_TOKEN", "--token", _text, "gateway",
+                     "the API's bearer token (Authorization: Bearer ...)", metavar="TOKEN"),
+    "token_file": Setting("GATEWAY_TOKEN_FILE", "--token-file", _text, "gateway",
+                          "a file whose first line is the token", metavar="PATH"),
     "workers": Setting("FLASK_WORKERS", "--workers", _workers, "flask",
                        "worker processes, on ports FLASK_PORT, FLASK_PORT+1...", metavar="N"),
     "script": Setting("FLASK_SCRIPT", "--flask-script", _text, "flask",
@@ -347,6 +369,8 @@ DESCRIBED_DEFAULTS = {
     "workers": "1 in development, one per CPU in production",
     "python": "the gateway's own interpreter, then python3 / python on PATH",
     "url": "none: spawn the workers",
+    "token": "none",
+    "token_file": "none",
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 
 def utc_timestamp() -> str:
@@ -27,6 +27,7 @@ class GatewayError:
     message: str
     suggestion: str
     retry_after: Optional[int] = None  # seconds; sent as Retry-After when a retry can help
+    headers: Tuple[Tuple[str, str], ...] = ()  # sent with it (a 401's WWW-Authenticate)
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -46,7 +47,7 @@ def write_error_response(handler: Any, err: GatewayError,
     (with ``headers`` added, such as a 405's ``Allow``)."""
     handler.clear()
     handler.set_status(err.status)
-    for name, value in (headers or {}).items():
+    for name, value in err.headers + tuple((headers or {}).items()):
         handler.set_header(name, value)
     handler.set_header("Content-Type", "application/json; charset=utf-8")
     handler.set_header("Cache-Control", "no-store")
@@ -102,6 +103,22 @@ def service_unavailable(state: str, detail: str = "", retry_after: Optional[int]
         message.strip(),
         suggestion,
         retry_after if state in ("starting", "unhealthy") else None,
+    )
+
+
+def unauthorized(presented: bool) -> GatewayError:
+    """401 for an API request without the gateway's token (``auth.py``). Sent with
+    ``WWW-Authenticate: Bearer``; never says what the token is or how close a guess came."""
+    return GatewayError(
+        401,
+        "unauthorized",
+        "This gateway requires a token: %s." % (
+            "the Authorization header does not carry it" if presented
+            else "the request has no Authorization header"),
+        "Send 'Authorization: Bearer <token>'. The token is GATEWAY_TOKEN (or the contents of "
+        "GATEWAY_TOKEN_FILE) where the gateway runs; when the gateway generated one, it printed "
+        "a URL with ?token=... at start-up (open that URL for the web page).",
+        headers=(("WWW-Authenticate", 'Bearer realm="tornado_gateway"'),),
     )
 
 

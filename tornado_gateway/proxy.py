@@ -74,6 +74,7 @@ from .http.headers import (copy_headers, empty_headers, get_field, get_fields,
                       headers_from_fields)
 from .http.headers import fields as header_fields
 from .http.framing import check_framing, declared_length, has_request_body
+from .auth import OPEN, Access, access_for, redact
 
 log = logging.getLogger("tornado_gateway.proxy")
 
@@ -264,11 +265,15 @@ def configure_http_client(config: GatewayConfig, impl: Any = None, **kwargs: Any
     AsyncHTTPClient.configure(impl, **merged)
 
 
-def proxy_routes(bridge: Any, config: GatewayConfig) -> List[Any]:
+def proxy_routes(bridge: Any, config: GatewayConfig,
+                 access: Optional[Access] = None) -> List[Any]:
     """The route(s) serving ``/api/deepfake`` and everything below it, to add to an
-    Application: ``Application(proxy_routes(bridge, config) + ...)``."""
+    Application: ``Application(proxy_routes(bridge, config) + ...)``. ``access`` is who may
+    use it (``auth.py``); by default what ``config`` says (``auth.access_for``)."""
+    if access is None:
+        access = access_for(config)
     return [(r"%s(?:/.*)?" % re.escape(PREFIX), DeepfakeProxyHandler,
-             dict(bridge=bridge, config=config))]
+             dict(bridge=bridge, config=config, access=access))]
 
 
 # --- internals -------------------------------------------------------------------------------
@@ -396,9 +401,11 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
 
     SUPPORTED_METHODS = _AnyMethod(STANDARD_METHODS)  # type: ignore[assignment]
 
-    def initialize(self, bridge: Any, config: GatewayConfig) -> None:  # type: ignore[override]
+    def initialize(self, bridge: Any, config: GatewayConfig,  # type: ignore[override]
+                   access: Access = OPEN) -> None:
         self.bridge = bridge
         self.config = config
+        self.access = access
         self._t0 = time.monotonic()
         # Only a request with a body gets a queue and a separate exchange task (see prepare()).
         self._queue: Optional[Queue] = None
@@ -485,7 +492,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         # the common case (the child ready) has nothing to wait for.
         request = self.request
         method = request.method or ""
-        error = check_target(request.path, request.query) or check_framing(request.headers)
+        error = (self.access.check(request.headers.get("Authorization"))
+                 or check_target(request.path, request.query) or check_framing(request.headers))
         if error is None and method.lower() not in _STANDARD_LOWER \
                 and hasattr(DeepfakeProxyHandler, method.lower()):
             error = errors.method_not_supported(method)  # would dispatch to a handler method
@@ -791,6 +799,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         headers = upstream_request_headers(request.headers, request.remote_ip,
                                            request.protocol, request.host, _ExactRequestHeaders)
         method = request.method or "GET"
+        if self.access.token is not None and "Authorization" in headers:
+            del headers["Authorization"]  # the gateway's token is not the service's business
         if self._self_framed:
             headers["Transfer-Encoding"] = "chunked"
         elif not self._has_body and method in _SELF_CHUNKING_METHODS \
@@ -972,7 +982,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         outcome = str(response.code) if response is not None else (
             "aborted" if self._aborted else "failed (%s)" % _describe(failure))
         log.debug("%s %s -> %s, %d bytes up, %d bytes down, %.1f ms", self.request.method,
-                  self.request.uri, outcome, self._received, self._sent_down,
+                  redact(self.request.uri or ""), outcome, self._received, self._sent_down,
                   (time.monotonic() - self._t0) * 1000.0)
 
 

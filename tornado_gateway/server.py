@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional
@@ -18,6 +19,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.netutil import bind_sockets
 
 from .app import make_app
+from .auth import Access, TokenFileError, access_for, is_loopback
 from .group import WorkerGroup
 from .config import GatewayConfig, PRODUCTION
 from .h1server import GatewayHTTPServer
@@ -170,7 +172,12 @@ async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
     bridge = bridge or WorkerGroup.from_config(config)
     stop_event = stop_event or asyncio.Event()
     configure_upstream_client(config)
-    app = make_app(bridge, config)
+    try:
+        access = access_for(config)
+    except TokenFileError as exc:
+        log.error("%s Fix the file, or set GATEWAY_TOKEN instead.", exc)
+        return 2
+    app = make_app(bridge, config, access)
     try:
         sockets = bind_sockets(config.port, config.host)
     except OSError as exc:
@@ -191,9 +198,7 @@ async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
     announce.info("Gateway listening on %s (%s mode, %s): the web page at %s/, the "
                   "API at %s/api/deepfake/", base, config.mode,
                   _workers(len(getattr(bridge, "workers", ())) or 1), base, base)
-    if config.host not in ("127.0.0.1", "::1", "localhost"):
-        log.warning("The gateway listens on %s: anyone who can reach this machine can use it. "
-                    "It has no authentication.", config.host)
+    _announce_access(access, config, base)
     if on_listening is not None:
         on_listening(port)
 
@@ -288,6 +293,23 @@ def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
         if not task.cancelled() and task.exception() is not None:
             loop.call_exception_handler({"message": "unhandled exception during shutdown",
                                          "exception": task.exception(), "task": task})
+
+
+def _announce_access(access: Access, config: GatewayConfig, base: str) -> None:
+    """Say who may use the API; print a generated token's URL once (as Jupyter does)."""
+    if access.generated:
+        page = base
+        if not is_loopback(config.host):
+            page = page.replace("//%s:" % config.host, "//%s:" % socket.gethostname(), 1)
+        announce.info("The API requires a token. Open this URL to use the web page (API "
+                      "clients send 'Authorization: Bearer <token>'):\n    %s/?token=%s",
+                      page, access.token)
+    elif access.token is not None:
+        announce.info("The API requires the token from %s.", access.source)
+    elif not is_loopback(config.host):
+        log.warning("GATEWAY_AUTH=none: the gateway listens on %s without authentication; "
+                    "anyone who can reach this machine can label samples and retrain the model. "
+                    "Keep it so only behind authentication of your own.", config.host)
 
 
 def _announce_ready(task: "asyncio.Future[bool]", bridge: Any, base: str) -> None:
