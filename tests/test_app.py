@@ -109,3 +109,18 @@ async def test_head_of_the_page_is_its_get_without_body(http_server_client):
     assert head.code == 200 and head.body == b""
     assert head.headers["Content-Type"] == get.headers["Content-Type"]
     assert int(head.headers["Content-Length"]) == len(get.body)
+
+
+async def test_status_uptime_counts_from_when_the_routes_were_made(http_server_client,
+                                                                   monkeypatch):
+    import types
+
+    import tornado_gateway.app as app_module
+
+    first = json.loads((await http_server_client.fetch("/api/gateway/status")).body)
+    real = app_module.time.monotonic
+    # the module's clock an hour later (only the module's: the event loop keeps its own)
+    monkeypatch.setattr(app_module, "time", types.SimpleNamespace(monotonic=lambda: real() + 3600))
+    later = json.loads((await http_server_client.fetch("/api/gateway/status")).body)
+    assert 0 <= first["gateway"]["uptime_s"] < 3600
+    assert 3600 <= later["gateway"]["uptime_s"] < 3600 + 60
