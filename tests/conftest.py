@@ -177,3 +177,29 @@ def gw_fakes(monkeypatch, tmp_path):
                                      capture_logs=_gw_capture_logs, script=str(script),
                                      killed=killed, make_bridge=make_bridge)
 # === END core-unit-test fakes
+
+
+# === A private PostgreSQL cluster, once per test run, for the tests that run on both stores
+@_gw_pytest.fixture(scope="session")
+def postgres_server():
+    """The URL of a private PostgreSQL cluster's maintenance database (tests/servers.py)."""
+    from servers import postgres_cluster
+
+    with postgres_cluster("tests") as url:
+        yield url
+
+
+@_gw_pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the test run's cluster (dropped afterwards)."""
+    import uuid
+
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    base, _, _ = postgres_server.rpartition("/")
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute('CREATE DATABASE "%s"' % name)
+    yield "%s/%s" % (base, name)
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
