@@ -71,6 +71,10 @@ def build_set(seed: int = SEED) -> training.TrainingSet:
                     (simulate.downscale(photo, 1.5), 0, "real/downscaled1.5")]
         variants += [(simulate.upsample(photo, method, rng), 1, "fake/" + method)
                      for method in simulate.UPSAMPLERS]
+        # defocused reals: blur is not up-sampling (non-integer enlargement was tried as a
+        # fake class too; these features cannot separate it, see evaluate_robustness.py)
+        variants.append((simulate.defocus(photo, rng), 0, "real/defocus"))
+
         for image, label, kind in variants:
             augmented, _ = simulate.augment(image, rng)
             vectors = features.extract(augmented, CROPS_PER_IMAGE).vectors

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import detector, features, imaging, uploads
+from . import detector, features, imaging, near_duplicate, provenance, uploads
 from .config import ServiceConfig
 from .debugger_guard import DebuggerGuard
 from .errors import ApiError, error_payload
@@ -41,6 +41,8 @@ class Service:
         self.store = Store(config.data_dir)
         self.models = ModelHolder(ModelFiles(config.data_dir))
         self.retrainer = Retrainer(self.store, self.models, config.min_feedback_per_label)
+        self.provenance = provenance.ProvenanceReader(
+            provenance.TrustList.from_file(config.c2pa_trust_anchors))
 
     def decode_upload(self) -> tuple[imaging.DecodedImage, bytes]:
         data = uploads.image_bytes(request, self.config.max_upload)
@@ -48,7 +50,7 @@ class Service:
 
     def record_for(self, decoded: imaging.DecodedImage, vectors: Any) -> ImageRecord:
         return ImageRecord(decoded.sha256, decoded.width, decoded.height, decoded.format,
-                           decoded.bytes, vectors)
+                           decoded.bytes, vectors, near_duplicate.hash_image(decoded.image))
 
 
 def create_app(config: ServiceConfig) -> Flask:
@@ -69,8 +71,10 @@ def create_app(config: ServiceConfig) -> Flask:
         decoded, data = service.decode_upload()
         # one read: a retrain (here or on another worker) cannot change it midway
         model = service.models.current().model
+        findings = service.provenance.read(data, decoded.image, decoded.format)
         try:
-            result = detector.analyse(decoded, model)
+            result = detector.analyse(decoded, model, findings,
+                                      service.provenance.trust.description)
         except (ValueError, OSError) as exc:
             raise ApiError(415, "Unsupported image", "The image's pixel format could not be "
                            "read (%s)." % type(exc).__name__,

@@ -26,6 +26,7 @@ class ServiceConfig:
     store_images: bool = False  # keep uploaded images on disk (otherwise features only)
     min_feedback_per_label: int = 5  # before a retrain may use feedback
     waitress_threads: int = 4
+    c2pa_trust_anchors: Optional[str] = None  # PEM bundle C2PA signers are checked against
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -61,4 +62,5 @@ def load_config(environ: Optional[Mapping[str, str]] = None, data_dir: Optional[
         min_feedback_per_label=_int(environ, "DEEPFAKE_MIN_FEEDBACK_PER_LABEL",
                                     ServiceConfig.min_feedback_per_label, minimum=0),
         waitress_threads=_int(environ, "DEEPFAKE_THREADS", ServiceConfig.waitress_threads),
+        c2pa_trust_anchors=(environ.get("DEEPFAKE_C2PA_TRUST_ANCHORS") or "").strip() or None,
     )

@@ -72,6 +72,12 @@ class CropFeatures:
     radial_mean: np.ndarray  # (RADIAL_BINS,) mean log-magnitude profile, for display
     candidates: int  # grid positions that fit in the image
     flat_skipped: int  # candidates rejected as too flat to read
+    # scope checks (not model features): share of the candidates' 8x8 blocks that are one
+    # exact value, how many distinct values those blocks have, and the median correlation of
+    # horizontally neighbouring pixels in the textured crops (photos ~0.6-1, white noise ~0)
+    constant_blocks: float = 0.0
+    constant_values: int = 0
+    neighbour_correlation: float = 1.0
 
     @property
     def count(self) -> int:
@@ -143,11 +149,22 @@ def extract(image: Image.Image, max_crops: int = MAX_CROPS) -> CropFeatures:
     width, height = image.size
     positions = _grid_positions(height, width)
     textured = []
+    constant, blocks, values, correlations = 0, 0, set(), []
     for top, left in positions:
         tile = image.crop((left, top, left + CROP, top + CROP))
         crop = _luma(pixel_array(tile))
+        cells = crop.reshape(CROP // 8, 8, CROP // 8, 8)
+        lows, highs = cells.min(axis=(1, 3)), cells.max(axis=(1, 3))
+        same = lows == highs
+        constant += int(same.sum())
+        blocks += same.size
+        if len(values) <= 256:
+            values.update(np.round(lows[same], 1).tolist())
         if float(crop.std()) >= FLAT_STD:
             textured.append(crop)
+            centred = crop - crop.mean()
+            correlations.append(float(np.mean(centred[:, 1:] * centred[:, :-1])
+                                      / max(float(np.mean(centred * centred)), 1e-9)))
     if len(textured) > max_crops:
         keep = np.unique(np.linspace(0, len(textured) - 1, max_crops).round().astype(np.int64))
         textured = [textured[i] for i in keep]
@@ -157,4 +174,6 @@ def extract(image: Image.Image, max_crops: int = MAX_CROPS) -> CropFeatures:
         vectors[i] = spectrum_features(log_spectrum(crop.astype(np.float64)))
         radial_sum += vectors[i, :RADIAL_BINS]
     radial_mean = radial_sum / max(len(textured), 1)
-    return CropFeatures(vectors, radial_mean, len(positions), len(positions) - len(textured))
+    return CropFeatures(vectors, radial_mean, len(positions), len(positions) - len(textured),
+                        constant / blocks if blocks else 0.0, len(values),
+                        float(np.median(correlations)) if correlations else 1.0)

@@ -17,11 +17,19 @@ processes may serve one data directory; ``models/current.json`` is the one model
   decision and the install happen under that lock, against the model current *then* (reloaded
   from disk), so a retrain never compares against a model another worker has since replaced.
 
-The "no worse" rule compares both models on data neither trained on, as far as that exists:
-- on feedback images, the candidate's grouped-CV accuracy against the current model's direct
-  accuracy (a current model that already trained on some of them is favoured: conservative);
-- on the baseline images, the candidate's grouped-CV accuracy against the current model's
-  recorded baseline accuracy, allowing ``BASELINE_TOLERANCE`` for fold-to-fold noise.
+Honest validation:
+- Feedback images are grouped by near-duplicate source (perceptual hashes,
+  :mod:`deepfake.near_duplicate`), baseline images by source photo, for every split: a photo
+  and its resized copy never sit on both sides.
+- Nothing new learnt (the same feedback labels the current model was trained on): no new
+  version is made, and the answer says so.
+- Old vs new on the *same* split: for each grouped fold, the current model's recipe (the
+  baseline plus the feedback labels it learnt, with the labels it was given) and the
+  candidate's (baseline plus all feedback) are both refitted without the fold and score its
+  images. The candidate replaces the model only if it is no worse on held-out feedback images
+  (balanced accuracy) and on held-out baseline images (within ``BASELINE_TOLERANCE``).
+- User labels say nothing about real generators: the "not validated on real generators"
+  warning stays after any retrain (:mod:`deepfake.detector`).
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import baseline_set
+from . import baseline_set, near_duplicate
 from .errors import ApiError
 from .model import LinearModel, ModelFiles
 from .store import LABELS, RetrainLocked, Store
@@ -142,67 +150,122 @@ class Retrainer:
 
         started = time.monotonic()
         samples = self.store.samples()
+        # near-duplicate sources (perceptual hashes) are one group: a photo and its resized
+        # copy, or a crop uploaded twice, never land on both sides of any validation split
+        group_of = near_duplicate.groups([sha for sha, _, _, _ in samples],
+                                         [near for _, _, _, near in samples])
         feedback = training.TrainingSet.from_images(
-            [(vectors, 1 if label == "fake" else 0, "feedback:" + sha, "feedback",
-              "feedback/" + label) for sha, label, vectors in samples])
-        data = baseline_set.load(self.baseline_path).concat(feedback)
-        metrics, _ = training.validate(data)
+            [(vectors, 1 if label == "fake" else 0, "feedback:" + group, "feedback",
+              "feedback/" + label)
+             for (sha, label, vectors, _), group in zip(samples, group_of)])
+        keys = sorted("%s:%s" % (sha, label) for sha, label, vectors, _ in samples
+                      if len(vectors))
+        unhashed = sum(1 for _, _, vectors, near in samples if len(vectors) and not near)
+        groups_count = int(len({g for (_, _, v, _), g in zip(samples, group_of) if len(v)}))
         # the model on disk now, not the one this worker last served: under the lock nobody
         # else installs, and this is what the candidate must be no worse than
         current = self.holder.current().model
-        previous_metrics = dict(current.metrics) if current is not None else {}
-        replace, reason = self._compare(metrics, current, feedback)
-        if current is not None:
-            previous_metrics["feedback_accuracy"] = _direct_accuracy(current, feedback)
-        version = new_version()
-        model_version = current.version if current is not None else None
+        current_version = current.version if current is not None else None
+        learnt_before = list((current.training if current is not None else {})
+                             .get("feedback_labels") or [])
+        if current is not None and keys == sorted(learnt_before):
+            reason = ("nothing new to learn: the current model %s was trained on exactly these "
+                      "%d feedback labels, so no new version was made" % (current.version,
+                                                                          len(keys)))
+            log.info("retrain skipped: %s", reason)
+            return {"replaced": False, "model_version": current_version,
+                    "metrics": None, "previous_metrics": dict(current.metrics),
+                    "comparison": None, "reason": reason,
+                    "learnt": {"new_labels": 0, "changed_labels": 0,
+                               "feedback_labels": len(keys), "feedback_groups": groups_count}}
+        data = baseline_set.load(self.baseline_path).concat(feedback)
+        old_images, old_labels, new_count, changed = _old_training(data, samples, feedback,
+                                                                   learnt_before)
+        new_logits, old_logits, folds = training.heldout_pair(data, old_images, old_labels)
+        split = ("grouped %d-fold, image level: baseline images grouped by source photo, "
+                 "feedback grouped by near-duplicate source (perceptual hash); both models "
+                 "scored on the same held-out folds, against today's labels" % folds)
+        metrics = training.describe(data, new_logits, split)
+        old_metrics = training.describe(data, old_logits, split)
+        old_metrics["recipe"] = ("the training data of %s (bundled baseline plus the %d "
+                                 "feedback labels it learnt), refitted per fold"
+                                 % (current_version or "no model", len(learnt_before)))
+        replace, reason = _compare(metrics, old_metrics)
+        metrics["feedback_groups"] = groups_count
+        metrics["feedback_without_perceptual_hash"] = unhashed
+        learnt = {"new_labels": new_count, "changed_labels": changed,
+                  "feedback_labels": len(keys), "feedback_groups": groups_count}
+        model_version = current_version
         if replace:
             description = {"data": "bundled baseline set plus feedback",
                            "feedback_samples": int(feedback.n_images),
-                           "feedback_per_label": counts, "C": training.C}
-            model = training.train_model(data, version, metrics, description)
+                           "feedback_per_label": counts, "C": training.C,
+                           "feedback_labels": keys}
+            model = training.train_model(data, new_version(), metrics, description)
             self.holder.install(model)
             model_version = model.version
         log.info("retrain %s in %.1f s: %s", "replaced the model" if replace else "kept the model",
                  time.monotonic() - started, reason)
         return {"replaced": replace, "model_version": model_version, "metrics": metrics,
-                "previous_metrics": previous_metrics, "reason": reason}
+                "previous_metrics": old_metrics,
+                "comparison": {"split": split, "folds": folds,
+                               "test_images": metrics["n_images"],
+                               "old": _summary(old_metrics), "new": _summary(metrics)},
+                "reason": reason, "learnt": learnt}
 
-    def _compare(self, metrics: dict[str, Any], current: Optional[LinearModel],
-                 feedback: Any) -> tuple[bool, str]:
-        if current is None:
-            return True, "no model was loaded"
-        current_feedback = _direct_accuracy(current, feedback)
-        new_feedback = metrics.get("feedback_accuracy")
-        current_baseline = current.metrics.get("baseline_accuracy")
-        new_baseline = metrics.get("baseline_accuracy")
-        if new_feedback is not None and current_feedback is not None \
-                and new_feedback < current_feedback:
-            return False, ("kept the current model: on feedback images the candidate scored "
-                           "%.3f (held out) against %.3f" % (new_feedback, current_feedback))
-        if new_baseline is not None and current_baseline is not None \
-                and new_baseline < current_baseline - BASELINE_TOLERANCE:
-            return False, ("kept the current model: on baseline images the candidate scored "
-                           "%.3f (held out) against %.3f" % (new_baseline, current_baseline))
-        return True, ("replaced: the candidate is no worse on feedback images (%s vs %s) and "
-                      "on baseline images (%s vs %s, tolerance %.2f)"
-                      % (_fmt(new_feedback), _fmt(current_feedback), _fmt(new_baseline),
-                         _fmt(current_baseline), BASELINE_TOLERANCE))
+
+def _old_training(data: Any, samples: list, feedback: Any,
+                  learnt_before: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Which images the current model learnt from, with the labels it was given then; and how
+    many feedback labels are new or changed since."""
+    before = dict(key.rsplit(":", 1) for key in learnt_before)
+    n_base = data.n_images - feedback.n_images
+    old_images = np.zeros(data.n_images, bool)
+    old_images[:n_base] = True
+    old_labels = data.image_label.copy()
+    new_count = changed = 0
+    usable = [(sha, label) for sha, label, vectors, _ in samples if len(vectors)]
+    for i, (sha, label) in enumerate(usable):
+        was = before.get(sha)
+        if was is None:
+            new_count += 1
+            continue
+        old_images[n_base + i] = True
+        old_labels[n_base + i] = 1 if was == "fake" else 0
+        changed += int(was != label)
+    return old_images, old_labels, new_count, changed
+
+
+def _compare(new: dict[str, Any], old: dict[str, Any]) -> tuple[bool, str]:
+    """Replace only if the candidate is no worse than the current recipe on the same held-out
+    split: on feedback images (balanced accuracy) and on baseline images (accuracy, within
+    ``BASELINE_TOLERANCE``)."""
+    nf, of = new.get("feedback_balanced_accuracy"), old.get("feedback_balanced_accuracy")
+    nb, ob = new.get("baseline_accuracy"), old.get("baseline_accuracy")
+    if nf is not None and of is not None and nf < of:
+        return False, ("kept the current model: on held-out feedback images the candidate's "
+                       "balanced accuracy is %.3f against %.3f for the current recipe on the "
+                       "same split" % (nf, of))
+    if nb is not None and ob is not None and nb < ob - BASELINE_TOLERANCE:
+        return False, ("kept the current model: on held-out baseline images the candidate "
+                       "scored %.3f against %.3f on the same split" % (nb, ob))
+    return True, ("replaced: on the same held-out split the candidate is no worse on feedback "
+                  "images (balanced accuracy %s vs %s) and on baseline images (%s vs %s, "
+                  "tolerance %.2f)" % (_fmt(nf), _fmt(of), _fmt(nb), _fmt(ob),
+                                       BASELINE_TOLERANCE))
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("accuracy", "balanced_accuracy", "roc_auc", "feedback_accuracy",
+            "feedback_balanced_accuracy", "baseline_accuracy")
+    return {k: metrics.get(k) for k in keys}
 
 
 def new_version() -> str:
     """A model version no other retrain, on any worker, gets: UTC time to the ms + random."""
     now = time.time()
     return "retrained-%s.%03dZ-%s" % (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)),
-                                      int(now % 1 * 1000), uuid.uuid4().hex[:6])
-
-
-def _direct_accuracy(model: LinearModel, data: Any) -> Optional[float]:
-    if data.n_images == 0:
-        return None
-    logits = np.array([model.image_logit(data.vectors[data.crop_image == i])
-                       for i in range(data.n_images)])
-    return round(float(np.mean((logits > 0) == data.image_label)), 4)
+                                      int(now % 1 * 1000), uuid.uuid4().hex[:12])
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -81,3 +81,22 @@ def augment(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, 
         image.load()
         name = ("%s+" % name if name != "none" else "") + "jpeg%d" % quality
     return image, name
+
+
+def defocus(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A real photo out of focus (Gaussian blur, sigma 1.5-2.5): still real. Blur removes high
+    frequencies smoothly, with no periodic trace; the model must not take it for up-sampling."""
+    return image.filter(ImageFilter.GaussianBlur(float(rng.uniform(1.5, 2.5))))
+
+
+RESAMPLERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "lanczos": Image.Resampling.LANCZOS}
+
+
+def enlarge(image: Image.Image, factor: float, method: str) -> Image.Image:
+    """Shrunk by ``factor`` (box average) and enlarged back by it with an ordinary resampling
+    kernel: what enlarging a smaller image, by a non-integer factor too, leaves."""
+    size = image.size
+    small = image.resize((max(1, round(size[0] / factor)), max(1, round(size[1] / factor))),
+                         Image.Resampling.BOX)
+    return small.resize(size, RESAMPLERS[method])

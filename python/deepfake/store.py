@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS analyses (
     probability REAL,
     verdict TEXT NOT NULL,
     model_version TEXT,
-    image_path TEXT
+    image_path TEXT,
+    near_hash TEXT
 );
 CREATE TABLE IF NOT EXISTS samples (
     sample_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,7 +77,8 @@ CREATE TABLE IF NOT EXISTS samples (
     feature_version TEXT NOT NULL,
     n_crops INTEGER NOT NULL,
     features BLOB NOT NULL,
-    image_path TEXT
+    image_path TEXT,
+    near_hash TEXT
 );
 CREATE TABLE IF NOT EXISTS retrain_lock (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -111,6 +113,7 @@ class ImageRecord:
     format: str
     bytes: int
     vectors: np.ndarray  # (n_crops, N_FEATURES) float32
+    near_hash: Optional[str] = None  # perceptual hashes (deepfake.near_duplicate), no pixels
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class Store:
                 with self._connect() as conn:
                     conn.execute("PRAGMA journal_mode=WAL")
                     conn.executescript(_SCHEMA)
+                    _add_missing_columns(conn)
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -215,21 +219,25 @@ class Store:
                      image_path: Optional[str] = None) -> None:
         with self._transaction() as conn:
             conn.execute(
-                "INSERT INTO analyses VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO analyses (analysis_id, created_at, image_sha256, width, height,"
+                " format, bytes, feature_version, n_crops, features, probability, verdict,"
+                " model_version, image_path, near_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (analysis_id, utc_now(), record.sha256, record.width, record.height,
                  record.format, record.bytes, features.FEATURE_VERSION, len(record.vectors),
-                 _pack(record.vectors), probability, verdict, model_version, image_path))
+                 _pack(record.vectors), probability, verdict, model_version, image_path,
+                 record.near_hash))
 
     def get_analysis(self, analysis_id: str) -> Optional[tuple[ImageRecord, Optional[str]]]:
         """The stored record of an earlier analysis and its image path, or None."""
         with self._connect() as conn:
             row = conn.execute(
                 "SELECT image_sha256, width, height, format, bytes, n_crops, features,"
-                " image_path, feature_version FROM analyses WHERE analysis_id = ?",
+                " image_path, feature_version, near_hash FROM analyses WHERE analysis_id = ?",
                 (analysis_id,)).fetchone()
         if row is None or row[8] != features.FEATURE_VERSION:
             return None
-        record = ImageRecord(row[0], row[1], row[2], row[3], row[4], _unpack(row[6], row[5]))
+        record = ImageRecord(row[0], row[1], row[2], row[3], row[4], _unpack(row[6], row[5]),
+                             row[9])
         return record, row[7]
 
     def add_sample(self, record: ImageRecord, label: str, analysis_id: Optional[str] = None,
@@ -245,16 +253,17 @@ class Store:
                 conn.execute(
                     "UPDATE samples SET label = ?, updated_at = ?,"
                     " analysis_id = COALESCE(?, analysis_id),"
-                    " image_path = COALESCE(?, image_path) WHERE sample_id = ?",
-                    (label, now, analysis_id, image_path, row[0]))
+                    " image_path = COALESCE(?, image_path),"
+                    " near_hash = COALESCE(?, near_hash) WHERE sample_id = ?",
+                    (label, now, analysis_id, image_path, record.near_hash, row[0]))
                 return SampleResult(int(row[0]), True, label)
             cursor = conn.execute(
                 "INSERT INTO samples (image_sha256, label, analysis_id, created_at, updated_at,"
-                " width, height, format, bytes, feature_version, n_crops, features, image_path)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " width, height, format, bytes, feature_version, n_crops, features, image_path,"
+                " near_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (record.sha256, label, analysis_id, now, now, record.width, record.height,
                  record.format, record.bytes, features.FEATURE_VERSION, len(record.vectors),
-                 _pack(record.vectors), image_path))
+                 _pack(record.vectors), image_path, record.near_hash))
             return SampleResult(int(cursor.lastrowid), False, label)
 
     def counts(self) -> dict[str, int]:
@@ -271,14 +280,14 @@ class Store:
             row = conn.execute("SELECT MAX(updated_at) FROM samples").fetchone()
         return row[0] if row else None
 
-    def samples(self) -> list[tuple[str, str, np.ndarray]]:
-        """Every usable training sample as (sha256, label, crop vectors)."""
+    def samples(self) -> list[tuple[str, str, np.ndarray, Optional[str]]]:
+        """Every usable training sample as (sha256, label, crop vectors, near-duplicate hash)."""
         with self._connect() as conn:
             rows = conn.execute(
-                "SELECT image_sha256, label, n_crops, features FROM samples"
+                "SELECT image_sha256, label, n_crops, features, near_hash FROM samples"
                 " WHERE feature_version = ? AND n_crops > 0 ORDER BY sample_id",
                 (features.FEATURE_VERSION,)).fetchall()
-        return [(sha, label, _unpack(blob, n)) for sha, label, n, blob in rows]
+        return [(sha, label, _unpack(blob, n), near) for sha, label, n, blob, near in rows]
 
     # --- the retrain lock ---------------------------------------------------------------------
 
@@ -325,6 +334,19 @@ class Store:
         with self._connect() as conn:
             holder = _lock_row(conn)
         return holder if holder is not None and _stale_reason(holder) is None else None
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """A data directory made before a column existed gets it (NULL for old rows); two workers
+    adding it at once is harmless: the loser's "duplicate column" is ignored."""
+    for table in ("analyses", "samples"):
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(%s)" % table)}
+        if "near_hash" not in columns:
+            try:
+                conn.execute("ALTER TABLE %s ADD COLUMN near_hash TEXT" % table)
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 def _lock_row(conn: sqlite3.Connection) -> Optional[LockHolder]:

@@ -64,13 +64,16 @@ class TrainingSet:
             np.concatenate([self.image_kind, other.image_kind]))
 
 
-def fit(data: TrainingSet, crop_mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, ...]:
-    """(mean, scale, coef, intercept) of a standardised, L2-regularised logistic regression."""
+def fit(data: TrainingSet, crop_mask: Optional[np.ndarray] = None,
+        image_label: Optional[np.ndarray] = None) -> tuple[np.ndarray, ...]:
+    """(mean, scale, coef, intercept) of a standardised, L2-regularised logistic regression
+    (``image_label`` replaces the set's labels, e.g. the labels an older model was given)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    labels = (data.image_label if image_label is None else image_label)[data.crop_image]
     x = data.vectors if crop_mask is None else data.vectors[crop_mask]
-    y = data.crop_label if crop_mask is None else data.crop_label[crop_mask]
+    y = labels if crop_mask is None else labels[crop_mask]
     scaler = StandardScaler().fit(x)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     # balanced weights: feedback may be lopsided, and the score must not drift toward the
@@ -98,6 +101,52 @@ def heldout_logits(data: TrainingSet, folds: int = FOLDS) -> np.ndarray:
         hit = counts > 0
         logits[hit] = sums[hit] / counts[hit]
     return logits
+
+
+def heldout_pair(data: TrainingSet, old_images: np.ndarray, old_labels: np.ndarray,
+                 folds: int = FOLDS) -> tuple[np.ndarray, np.ndarray, int]:
+    """Held-out image log-odds of two recipes on the *same* grouped split: "new" trains on every
+    image outside the test fold; "old" only on those of ``old_images`` (bool per image) outside
+    it, with ``old_labels`` (what the older model was told). Each test image is scored by both
+    models of its fold, neither of which saw its group. Returns (new, old, number of folds)."""
+    from sklearn.model_selection import GroupKFold
+
+    groups = data.image_group[data.crop_image]
+    n_folds = min(folds, len(np.unique(groups)))
+    new, old = np.zeros(data.n_images), np.zeros(data.n_images)
+    old_crops = old_images[data.crop_image]
+    for train_idx, test_idx in GroupKFold(n_splits=n_folds).split(data.vectors, groups=groups):
+        train = np.zeros(len(data.vectors), bool)
+        train[train_idx] = True
+        images = data.crop_image[test_idx]
+        counts = np.bincount(images, minlength=data.n_images)
+        hit = counts > 0
+        for out, mask, labels in ((new, train, None), (old, train & old_crops, old_labels)):
+            mean, scale, coef, intercept = fit(data, mask, labels)
+            crop_logits = ((data.vectors[test_idx] - mean) / scale) @ coef + intercept
+            sums = np.bincount(images, weights=crop_logits, minlength=data.n_images)
+            out[hit] = sums[hit] / counts[hit]
+    return new, old, n_folds
+
+
+def describe(data: TrainingSet, logits: np.ndarray, validation: str) -> dict[str, Any]:
+    """The metrics dict of :func:`validate` for given held-out logits."""
+    metrics = image_metrics(logits, data.image_label)
+    metrics["n_groups"] = int(len(np.unique(data.image_group)))
+    metrics["n_crops"] = int(len(data.vectors))
+    metrics["validation"] = validation
+    for source in np.unique(data.image_source):
+        sel = data.image_source == source
+        part = image_metrics(logits[sel], data.image_label[sel])
+        metrics["%s_accuracy" % source] = part.get("accuracy")
+        metrics["%s_balanced_accuracy" % source] = part.get("balanced_accuracy")
+        metrics["%s_images" % source] = int(sel.sum())
+    per_kind = {}
+    for kind in np.unique(data.image_kind):
+        sel = data.image_kind == kind
+        per_kind[str(kind)] = round(float(np.mean((logits[sel] > 0) == data.image_label[sel])), 4)
+    metrics["accuracy_by_kind"] = per_kind
+    return metrics
 
 
 def image_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def test_shipped_metrics_are_grouped_and_honest() -> None:
     assert metrics["n_images"] == data.n_images and metrics["n_groups"] == 18
     assert set(metrics["accuracy_by_kind"]) == {
         "real/original", "real/downscaled2", "real/downscaled1.5",
-        "fake/nearest", "fake/bilinear", "fake/transposed_conv"}
+        "fake/nearest", "fake/bilinear", "fake/transposed_conv", "real/defocus"}
     assert 0.75 <= metrics["accuracy"] <= 1.0 and metrics["roc_auc"] > 0.85
 
 

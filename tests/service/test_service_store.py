@@ -42,7 +42,7 @@ def test_same_image_is_one_sample_and_its_label_can_change(tmp_path) -> None:
     assert not first.duplicate and again.duplicate and not other.duplicate
     assert again.sample_id == first.sample_id
     assert store.counts() == {"real": 1, "fake": 1}
-    assert [(label, v.shape) for _, label, v in store.samples()] == [
+    assert [(label, v.shape) for _, label, v, _ in store.samples()] == [
         ("real", (3, features.N_FEATURES)), ("fake", (3, features.N_FEATURES))]
     assert store.last_sample_time().endswith("Z")
     with pytest.raises(ValueError):
@@ -97,7 +97,7 @@ def test_a_process_killed_mid_write_loses_no_committed_sample(tmp_path) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     samples = store.samples()
     assert len(samples) >= last + 1  # every sample reported as committed is there
-    for index, (sha, _, vectors) in enumerate(samples):  # and each one is whole
+    for index, (sha, _, vectors, _) in enumerate(samples):  # and each one is whole
         assert int(sha, 16) == index and np.all(vectors == index)
 
 
@@ -127,3 +127,26 @@ def test_workers_opening_a_new_data_directory_at_once_all_start(tmp_path) -> Non
     for directory in directories:
         with sqlite3.connect(os.path.join(directory, "deepfake.sqlite3")) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_data_directory_from_before_perceptual_hashes_gets_the_column(tmp_path) -> None:
+    """An old database (no near_hash column) is upgraded in place; its rows read as unhashed."""
+    import sqlite3
+
+    from deepfake import store as store_module
+
+    old_schema = store_module._SCHEMA.replace(",\n    near_hash TEXT", "")
+    assert "near_hash" not in old_schema
+    path = tmp_path / "deepfake.sqlite3"
+    with sqlite3.connect(str(path)) as conn:
+        conn.executescript(old_schema)
+        conn.execute("INSERT INTO samples (image_sha256, label, created_at, updated_at, width,"
+                     " height, format, bytes, feature_version, n_crops, features) VALUES"
+                     " ('ab', 'real', 't', 't', 1, 1, 'PNG', 1, ?, 1, ?)",
+                     (features.FEATURE_VERSION,
+                      np.zeros((1, features.N_FEATURES), "<f4").tobytes()))
+    store = Store(str(tmp_path))
+    [(sha, label, vectors, near)] = store.samples()
+    assert (sha, label, vectors.shape, near) == ("ab", "real", (1, features.N_FEATURES), None)
+    store.add_sample(record(3), "fake")
+    assert len(store.samples()) == 2

@@ -94,14 +94,15 @@ def test_a_model_installed_by_one_worker_answers_on_the_other_at_once(workers, r
     label_images(a, 2)
     body = retrained(a)
     version = body["model_version"]
-    assert re.fullmatch(r"retrained-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}", version)
+    assert re.fullmatch(r"retrained-\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{12}", version)
     # the very next requests on b, with no wait: stats, analyze and feedback name it
     stats = b.get(API + "/stats").get_json()
     assert (stats["model"]["version"], stats["model"]["source"]) == (version, "current")
     assert stats["model"]["metrics"] == body["metrics"]
     result = analyze(b, real_png)
     assert result["model_version"] == version
-    assert not any("simulated generator" in w for w in result["warnings"])
+    assert any("not been validated on images from real generators" in w
+               for w in result["warnings"])  # user labels validate nothing about generators
     labelled = b.post(API + "/feedback", json={"analysis_id": result["analysis_id"],
                                                "label": "real"})
     assert labelled.status_code == 201 and labelled.get_json()["model_version"] == version
@@ -134,8 +135,12 @@ def test_a_retrain_on_the_other_worker_compares_against_the_newest_model(workers
     first = retrained(a)
     label_images(a, 1, first_seed=300)
     second = b.post(API + "/retrain").get_json()
-    # b judged its candidate against a's model, not against the baseline it last served
-    assert second["previous_metrics"]["n_images"] == first["metrics"]["n_images"] == 114 + 4
+    # b judged its candidate against a's model, not against the baseline it last served:
+    # a's recipe (the 4 labels it learnt) on the same split, and only 2 labels are new
+    assert first["model_version"] in second["previous_metrics"]["recipe"]
+    assert "the 4 feedback labels it learnt" in second["previous_metrics"]["recipe"]
+    assert second["learnt"]["new_labels"] == 2
+    assert second["previous_metrics"]["n_images"] == second["metrics"]["n_images"]
     files = app_b.extensions["deepfake"].models.files
     if second["replaced"]:
         assert second["model_version"] != first["model_version"]
@@ -292,7 +297,7 @@ def test_the_lock_is_released_when_training_fails(workers, monkeypatch) -> None:
 
     def broken(_data):
         raise RuntimeError("out of memory, say")
-    monkeypatch.setattr(training, "validate", broken)
+    monkeypatch.setattr(training, "heldout_pair", broken)
     assert a.post(API + "/retrain").status_code == 500
     assert app_a.extensions["deepfake"].store.retrain_lock_holder() is None
     monkeypatch.undo()
