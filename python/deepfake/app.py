@@ -19,7 +19,7 @@ from . import detector, features, imaging, near_duplicate, provenance, uploads
 from .config import ServiceConfig
 from .debugger_guard import DebuggerGuard
 from .errors import ApiError, error_payload
-from .model import ModelFiles
+from .model import StoredModels
 from .retrain import ModelHolder, Retrainer
 from .store import LABELS, ImageRecord, Store
 
@@ -38,8 +38,8 @@ class Service:
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
-        self.store = Store(config.data_dir)
-        self.models = ModelHolder(ModelFiles(config.data_dir))
+        self.store = Store(config.data_dir, config.database_url)
+        self.models = ModelHolder(StoredModels(self.store, config.data_dir))
         self.retrainer = Retrainer(self.store, self.models, config.min_feedback_per_label)
         self.provenance = provenance.ProvenanceReader(
             provenance.TrustList.from_file(config.c2pa_trust_anchors))

@@ -27,6 +27,9 @@ class ServiceConfig:
     min_feedback_per_label: int = 5  # before a retrain may use feedback
     waitress_threads: int = 4
     c2pa_trust_anchors: Optional[str] = None  # PEM bundle C2PA signers are checked against
+    # where analyses, feedback and model versions live: None = the SQLite file in data_dir;
+    # postgresql://... = a database every worker of every replica shares
+    database_url: Optional[str] = None
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -63,4 +66,5 @@ def load_config(environ: Optional[Mapping[str, str]] = None, data_dir: Optional[
                                     ServiceConfig.min_feedback_per_label, minimum=0),
         waitress_threads=_int(environ, "DEEPFAKE_THREADS", ServiceConfig.waitress_threads),
         c2pa_trust_anchors=(environ.get("DEEPFAKE_C2PA_TRUST_ANCHORS") or "").strip() or None,
+        database_url=(environ.get("DEEPFAKE_DATABASE_URL") or "").strip() or None,
     )

@@ -219,3 +219,64 @@ class ModelFiles:
             shutil.copyfile(self.current, tmp)
             replace_file(tmp, self.previous)
         write_json_atomically(self.current, model.to_json())
+
+
+class StoredModels:
+    """The active model kept in the store: one row per promoted version, one pointer to the
+    current one (:meth:`deepfake.store.Store.promote_model`). What :class:`ModelHolder` asks of
+    a model source: ``current_identity()`` (the pointer, one indexed read), ``load_active()``
+    and ``install()``.
+
+    On an empty store the current model is seeded: a ``models/current.json`` left by a version
+    of this service from before the store held models is imported, else the bundled baseline.
+    A bundled baseline that is current but differs from the one this code ships (an upgrade)
+    is replaced by the new one; a retrained model is never replaced that way. A stored model
+    this code cannot use (other features) falls back to the bundled baseline, logged once per
+    change.
+    """
+
+    def __init__(self, store: Any, data_dir: str, baseline_path: str = BASELINE_PATH) -> None:
+        self.store = store
+        self.baseline = baseline_path
+        legacy = ModelFiles(data_dir, baseline_path)
+        seed, source = None, "bundled"
+        if store.current_model_id() is None and os.path.exists(legacy.current):
+            try:
+                seed, source = read_model(legacy.current), "imported"
+            except ModelError as exc:
+                log.warning("not importing %s: %s", legacy.current, exc)
+        if seed is None and os.path.exists(baseline_path):
+            try:
+                seed = read_model(baseline_path)
+            except ModelError as exc:
+                log.error("the bundled baseline is unusable: %s", exc)
+        if seed is not None:
+            store.seed_model(seed.to_json(), source,
+                             replace_source="bundled" if source == "bundled" else None)
+
+    def current_identity(self) -> Optional[int]:
+        return self.store.current_model_id()
+
+    def load_active(self) -> tuple[Optional[LinearModel], str]:
+        """The current model and its source ("current" for a retrained or imported version,
+        "baseline"), or the bundled baseline when the stored one cannot be used."""
+        problems = []
+        model_id = self.store.current_model_id()
+        stored = self.store.model(model_id) if model_id is not None else None
+        if stored is not None:
+            try:
+                model = LinearModel.from_json(stored.payload)
+                return model, "baseline" if stored.source == "bundled" else "current"
+            except ModelError as exc:
+                log.warning("skipping current model %s: %s", stored.version, exc)
+                problems.append(str(exc))
+        if os.path.exists(self.baseline):
+            try:
+                return read_model(self.baseline), "baseline"
+            except ModelError as exc:
+                problems.append(str(exc))
+        return None, "; ".join(problems) or "no model stored and no bundled baseline"
+
+    def install(self, model: LinearModel) -> None:
+        """Store ``model`` as a new version and make it current (one transaction)."""
+        self.store.promote_model(model.to_json(), "retrained")

@@ -1,14 +1,15 @@
 """Retraining: baseline set + feedback, grouped validation, replace only if no worse.
 
 Owns the active model (:class:`ModelHolder`) and the rule for replacing it. Several worker
-processes may serve one data directory; ``models/current.json`` is the one model they share:
+processes (and, on PostgreSQL, several replicas) share one store; its pointer to the current
+model version is the one model they all serve (:class:`deepfake.model.StoredModels`):
 
-- Every request that uses the model asks the holder for it, and the holder first calls
-  ``os.stat`` on ``current.json`` (a few microseconds) and reloads if the file was replaced.
-  So once a retrain on any worker has installed a model, every request that starts
-  afterwards, on any worker, is answered by it: there is no polling interval. A damaged
-  ``current.json`` is read (and its fallback logged) once, not on every request: the holder
-  remembers which file it judged.
+- Every request that uses the model asks the holder for it, and the holder first reads the
+  pointer (one indexed read on an open connection: a few microseconds on SQLite, one round
+  trip on PostgreSQL) and reloads if it moved. So once a retrain on any worker has promoted a
+  model, every request that starts afterwards, on any worker of any replica, is answered by
+  it: there is no polling interval. A stored model this code cannot use is judged (and its
+  fallback logged) once, not on every request: the holder remembers which version it judged.
 - The snapshot a request gets (model, source) is one immutable tuple, swapped in a single
   assignment: analyses never wait for a retrain, and one in flight finishes with the model it
   started with.
@@ -44,7 +45,7 @@ import numpy as np
 
 from . import baseline_set, near_duplicate
 from .errors import ApiError
-from .model import LinearModel, ModelFiles
+from .model import LinearModel
 from .store import LABELS, RetrainLocked, Store
 
 log = logging.getLogger("deepfake.retrain")
@@ -53,11 +54,11 @@ BASELINE_TOLERANCE = 0.02  # accuracy points: one baseline image out of 114 is ~
 
 
 class ActiveModel(NamedTuple):
-    """The model to answer with, where it came from, and which ``current.json`` was judged."""
+    """The model to answer with, where it came from, and which stored version was judged."""
 
     model: Optional[LinearModel]
-    source: str  # "current", "previous", "baseline" or "none"
-    identity: Optional[tuple[int, ...]]  # ModelFiles.current_identity() when it was loaded
+    source: str  # "current", "baseline" or "none"
+    identity: Any  # the source's current_identity() when it was loaded
 
     @property
     def version(self) -> Optional[str]:
@@ -65,9 +66,12 @@ class ActiveModel(NamedTuple):
 
 
 class ModelHolder:
-    """The model requests use right now, kept in step with ``current.json`` on disk."""
+    """The model requests use right now, kept in step with the store's current version.
 
-    def __init__(self, files: ModelFiles) -> None:
+    ``files`` is the model source: :class:`deepfake.model.StoredModels` (the service's), or
+    :class:`deepfake.model.ModelFiles` (JSON files, for tools)."""
+
+    def __init__(self, files: Any) -> None:
         self.files = files
         self._reloading = threading.Lock()
         self._active = self._load(files.current_identity(), None)
@@ -89,8 +93,7 @@ class ModelHolder:
             self.files.install(model)
             self._active = ActiveModel(model, "current", self.files.current_identity())
 
-    def _load(self, identity: Optional[tuple[int, ...]],
-              was: Optional[str]) -> ActiveModel:
+    def _load(self, identity: Any, was: Optional[str]) -> ActiveModel:
         # ``identity`` was taken before reading: if the file is replaced meanwhile, the next
         # request sees a newer identity and reloads again, never keeps an older model for good
         model, source = self.files.load_active()

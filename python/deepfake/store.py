@@ -1,106 +1,58 @@
-"""SQLite storage for analyses and training samples (feedback), in WAL mode.
+"""The service's store: analyses, training samples (feedback), model versions and the retrain
+lock, on SQLite (default: one file in the data directory) or PostgreSQL (shared by replicas,
+``DEEPFAKE_DATABASE_URL``); the engines are :mod:`deepfake.database`'s.
 
 What is kept: per-crop feature vectors, the label, the image's SHA-256, size, format and times.
 Images themselves are written only when the user opts in, to ``images/<sha256>.<ext>``.
 One image is one training sample: a second label for the same bytes updates that sample
 instead of counting it twice.
 
-Durability: every write is one transaction with ``synchronous=FULL``; WAL keeps readers off the
-writer's back, so a process killed mid-write loses at most the write in flight, never
-committed rows. Each call opens its own connection, which makes the store safe to use from
-the threaded server without sharing connections across threads, and lets every worker process
-on the same data directory see what any of them committed on its next call.
+Durability: every write is one transaction (SQLite: ``synchronous=FULL``, WAL; PostgreSQL:
+its defaults, ``fsync`` on), so a process killed mid-write loses at most the write in flight,
+never committed rows; every worker process (and, on PostgreSQL, every replica) sees what any of
+them committed on its next call.
 
 The store also holds the *retrain lock*, one row of ``retrain_lock``, so that one retrain runs
 at a time across all worker processes (an in-memory lock would hold within one only). It is
 taken with ``BEGIN IMMEDIATE`` (SQLite's write lock makes check-and-take one step) and names
-its holder: PID, that process's creation time, host, and since when. A lock whose holder is
-gone (killed mid-retrain) is stale and is taken over, so a crash never blocks retraining.
-Liveness is judged on the holder's own host only, where its PID means something; a lock from
-another host (a data directory shared between containers) is trusted for
-``FOREIGN_LOCK_EXPIRY`` seconds, longer than any retrain runs.
+its holder: PID, that process's creation time, host, and since when. On SQLite, a lock whose
+holder is gone (killed mid-retrain) is stale and is taken over, so a crash never blocks
+retraining. Liveness is judged on the holder's own host only, where its PID means something;
+a lock from another host (a data directory shared between containers) is trusted for
+``FOREIGN_LOCK_EXPIRY`` seconds, longer than any retrain runs. On PostgreSQL the lock itself is
+an advisory lock held on the retraining process's own connection, which the server releases
+when that connection ends (a replica killed mid-retrain, on any machine); the row only says
+who holds it.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
+import json
 import logging
 import os
 import socket
-import sqlite3
 import tempfile
 import threading
-import time
 import uuid
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from . import features, processes
+from .database import Database, open_database, utc_now
 
 log = logging.getLogger("deepfake.store")
 
 LABELS = ("real", "fake")
 FOREIGN_LOCK_EXPIRY = 3600.0  # seconds; a retrain takes seconds, even with much feedback
-OPEN_TIMEOUT = 30.0  # seconds to keep retrying a database that other workers are creating
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS analyses (
-    analysis_id TEXT PRIMARY KEY,
-    created_at TEXT NOT NULL,
-    image_sha256 TEXT NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    format TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    feature_version TEXT NOT NULL,
-    n_crops INTEGER NOT NULL,
-    features BLOB NOT NULL,
-    probability REAL,
-    verdict TEXT NOT NULL,
-    model_version TEXT,
-    image_path TEXT,
-    near_hash TEXT
-);
-CREATE TABLE IF NOT EXISTS samples (
-    sample_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    image_sha256 TEXT NOT NULL UNIQUE,
-    label TEXT NOT NULL CHECK (label IN ('real', 'fake')),
-    analysis_id TEXT,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    format TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    feature_version TEXT NOT NULL,
-    n_crops INTEGER NOT NULL,
-    features BLOB NOT NULL,
-    image_path TEXT,
-    near_hash TEXT
-);
-CREATE TABLE IF NOT EXISTS retrain_lock (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    token TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    process_started REAL,
-    host TEXT NOT NULL,
-    started_at TEXT NOT NULL
-);
-"""
-
 _HOST = socket.gethostname()
 # the tokens of the retrain locks this process holds right now: a row with this process's PID
 # and another token was left behind by a release that failed, and is stale
 _held_tokens: set[str] = set()
 _held_guard = threading.Lock()
-
-
-def utc_now() -> str:
-    """Now as ISO 8601 UTC with millisecond precision and a ``Z``."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (now.microsecond // 1000)
 
 
 @dataclass(frozen=True)
@@ -140,6 +92,26 @@ class LockHolder:
         return {"pid": self.pid, "host": self.host, "started_at": self.started_at}
 
 
+_SEED_LOCK = 0x5EED  # pg_advisory_xact_lock key of the model seeding transaction
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """One stored model version: its row id, name, where it came from, its JSON, and when it
+    was made current (None if it is not current)."""
+
+    model_id: int
+    version: str
+    source: str  # "bundled" (the baseline shipped with the code), "retrained", "imported"
+    payload: dict[str, Any]
+    promoted_at: Optional[str]
+
+
+# PostgreSQL: the lock is held but its row is not there yet (the holder is between taking
+# the lock and writing its name)
+_UNKNOWN_HOLDER = LockHolder("", 0, None, "another replica", "just now")
+
+
 class RetrainLocked(Exception):
     """The retrain lock is held by a live process (``holder``)."""
 
@@ -159,47 +131,20 @@ def _unpack(blob: bytes, n_crops: int) -> np.ndarray:
 class Store:
     """The service's database and the opt-in image folder under one data directory."""
 
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, database_url: Optional[str] = None) -> None:
         self.data_dir = data_dir
-        self.path = os.path.join(data_dir, "deepfake.sqlite3")
         self.images_dir = os.path.join(data_dir, "images")
         os.makedirs(data_dir, exist_ok=True)
-        self._create()
+        self.db: Database = open_database(database_url, data_dir)
+        self.path = getattr(self.db, "path", None)  # the SQLite file, when it is one
+        self._lock_sessions: Dict[str, Any] = {}  # PostgreSQL: token -> its lock's session
 
-    def _create(self) -> None:
-        # several workers opening a new data directory at once: the switch to WAL needs the
-        # database to itself, and SQLite refuses it with "database is locked" at once, without
-        # waiting for the busy timeout; both statements are idempotent, so try again
-        deadline = time.monotonic() + OPEN_TIMEOUT
-        while True:
-            try:
-                with self._connect() as conn:
-                    conn.execute("PRAGMA journal_mode=WAL")
-                    conn.executescript(_SCHEMA)
-                    _add_missing_columns(conn)
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+    @property
+    def engine(self) -> str:
+        return self.db.engine
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as conn:
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            yield conn
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def close(self) -> None:
+        self.db.close()
 
     def keep_image(self, record: ImageRecord, data: bytes) -> str:
         """Write the image's bytes (opt-in only) atomically; returns the path."""
@@ -217,7 +162,7 @@ class Store:
     def add_analysis(self, analysis_id: str, record: ImageRecord, probability: Optional[float],
                      verdict: str, model_version: Optional[str],
                      image_path: Optional[str] = None) -> None:
-        with self._transaction() as conn:
+        with self.db.write() as conn:
             conn.execute(
                 "INSERT INTO analyses (analysis_id, created_at, image_sha256, width, height,"
                 " format, bytes, feature_version, n_crops, features, probability, verdict,"
@@ -229,7 +174,7 @@ class Store:
 
     def get_analysis(self, analysis_id: str) -> Optional[tuple[ImageRecord, Optional[str]]]:
         """The stored record of an earlier analysis and its image path, or None."""
-        with self._connect() as conn:
+        with self.db.read() as conn:
             row = conn.execute(
                 "SELECT image_sha256, width, height, format, bytes, n_crops, features,"
                 " image_path, feature_version, near_hash FROM analyses WHERE analysis_id = ?",
@@ -246,110 +191,188 @@ class Store:
         if label not in LABELS:
             raise ValueError("label must be one of %s" % (LABELS,))
         now = utc_now()
-        with self._transaction() as conn:
-            row = conn.execute("SELECT sample_id FROM samples WHERE image_sha256 = ?",
-                               (record.sha256,)).fetchone()
-            if row is not None:
-                conn.execute(
-                    "UPDATE samples SET label = ?, updated_at = ?,"
-                    " analysis_id = COALESCE(?, analysis_id),"
-                    " image_path = COALESCE(?, image_path),"
-                    " near_hash = COALESCE(?, near_hash) WHERE sample_id = ?",
-                    (label, now, analysis_id, image_path, record.near_hash, row[0]))
-                return SampleResult(int(row[0]), True, label)
-            cursor = conn.execute(
+        with self.db.write() as conn:
+            # insert-or-nothing, then update: one image stays one sample even when two
+            # replicas label it at the same moment (the second waits for the first's row)
+            row = conn.execute(
                 "INSERT INTO samples (image_sha256, label, analysis_id, created_at, updated_at,"
                 " width, height, format, bytes, feature_version, n_crops, features, image_path,"
-                " near_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " near_hash) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (image_sha256) DO NOTHING RETURNING sample_id",
                 (record.sha256, label, analysis_id, now, now, record.width, record.height,
                  record.format, record.bytes, features.FEATURE_VERSION, len(record.vectors),
-                 _pack(record.vectors), image_path, record.near_hash))
-            return SampleResult(int(cursor.lastrowid), False, label)
+                 _pack(record.vectors), image_path, record.near_hash)).fetchone()
+            if row is not None:
+                return SampleResult(int(row[0]), False, label)
+            row = conn.execute(
+                "UPDATE samples SET label = ?, updated_at = ?,"
+                " analysis_id = COALESCE(?, analysis_id),"
+                " image_path = COALESCE(?, image_path),"
+                " near_hash = COALESCE(?, near_hash) WHERE image_sha256 = ?"
+                " RETURNING sample_id",
+                (label, now, analysis_id, image_path, record.near_hash,
+                 record.sha256)).fetchone()
+            return SampleResult(int(row[0]), True, label)
 
     def counts(self) -> dict[str, int]:
         """Training samples per label (both labels always present)."""
         result = {label: 0 for label in LABELS}
-        with self._connect() as conn:
+        with self.db.read() as conn:
             for label, count in conn.execute(
                     "SELECT label, COUNT(*) FROM samples GROUP BY label"):
                 result[label] = int(count)
         return result
 
     def last_sample_time(self) -> Optional[str]:
-        with self._connect() as conn:
+        with self.db.read() as conn:
             row = conn.execute("SELECT MAX(updated_at) FROM samples").fetchone()
         return row[0] if row else None
 
     def samples(self) -> list[tuple[str, str, np.ndarray, Optional[str]]]:
         """Every usable training sample as (sha256, label, crop vectors, near-duplicate hash)."""
-        with self._connect() as conn:
+        with self.db.read() as conn:
             rows = conn.execute(
                 "SELECT image_sha256, label, n_crops, features, near_hash FROM samples"
                 " WHERE feature_version = ? AND n_crops > 0 ORDER BY sample_id",
                 (features.FEATURE_VERSION,)).fetchall()
         return [(sha, label, _unpack(blob, n), near) for sha, label, n, blob, near in rows]
 
+    # --- model versions -------------------------------------------------------------------
+
+    def current_model_id(self) -> Optional[int]:
+        """Which model version is current (the pointer), or None before the first is set. One
+        indexed read: asked on every request that uses the model."""
+        with self.db.read() as conn:
+            row = conn.execute("SELECT model_id FROM current_model WHERE id = 1").fetchone()
+        return None if row is None else int(row[0])
+
+    def model(self, model_id: int) -> Optional[StoredModel]:
+        with self.db.read() as conn:
+            row = conn.execute(
+                "SELECT m.model_id, m.version, m.source, m.model, c.promoted_at FROM models m"
+                " LEFT JOIN current_model c ON c.model_id = m.model_id WHERE m.model_id = ?",
+                (model_id,)).fetchone()
+        return None if row is None else StoredModel(int(row[0]), row[1], row[2],
+                                                    json.loads(row[3]), row[4])
+
+    def promote_model(self, payload: dict[str, Any], source: str) -> int:
+        """Store a model version (its JSON: weights, feature version, metrics, training data)
+        and make it current, in one transaction; its id."""
+        text = json.dumps(payload, sort_keys=True)
+        with self.db.write() as conn:
+            model_id = self._insert_model(conn, payload, source, text)
+            conn.execute("INSERT INTO current_model VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE"
+                         " SET model_id = excluded.model_id, promoted_at = excluded.promoted_at",
+                         (model_id, utc_now()))
+        return model_id
+
+    def seed_model(self, payload: dict[str, Any], source: str,
+                   replace_source: Optional[str] = None) -> int:
+        """Make ``payload`` current if no model is, or if the current one came from
+        ``replace_source`` with other contents (a newer bundled baseline after an upgrade);
+        the current model's id. Safe when every worker of every replica seeds at once."""
+        text = json.dumps(payload, sort_keys=True)
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        with self.db.write() as conn:
+            if self.db.engine == "postgresql":
+                # the pointer row may not exist yet: serialise seeders on a transaction lock
+                conn.execute("SELECT pg_advisory_xact_lock(?)", (_SEED_LOCK,))
+            row = conn.execute("SELECT m.model_id, m.source, m.digest FROM current_model c"
+                               " JOIN models m ON m.model_id = c.model_id WHERE c.id = 1"
+                               ).fetchone()
+            if row is not None and not (replace_source and row[1] == replace_source
+                                        and row[2] != digest):
+                return int(row[0])
+            model_id = self._insert_model(conn, payload, source, text)
+            conn.execute("INSERT INTO current_model VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE"
+                         " SET model_id = excluded.model_id, promoted_at = excluded.promoted_at",
+                         (model_id, utc_now()))
+            return model_id
+
+    def model_versions(self) -> list[tuple[int, str, str, str]]:
+        """Every stored version, oldest first: (id, version, source, created_at)."""
+        with self.db.read() as conn:
+            rows = conn.execute("SELECT model_id, version, source, created_at FROM models"
+                                " ORDER BY model_id").fetchall()
+        return [(int(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    @staticmethod
+    def _insert_model(conn: Any, payload: dict[str, Any], source: str, text: str) -> int:
+        return int(conn.execute(
+            "INSERT INTO models (version, source, feature_version, created_at, model, digest)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING model_id",
+            (str(payload.get("version")), source, str(payload.get("feature_version")),
+             utc_now(), text, hashlib.sha256(text.encode("utf-8")).hexdigest())).fetchone()[0])
+
     # --- the retrain lock ---------------------------------------------------------------------
 
     def acquire_retrain_lock(self) -> str:
         """Take the retrain lock for this process; its token, for the release.
 
-        :class:`RetrainLocked` if a live process holds it; a stale lock is taken over (logged).
+        :class:`RetrainLocked` if a live process (on PostgreSQL: any replica) holds it; on
+        SQLite a stale lock is taken over (logged).
         """
         token = uuid.uuid4().hex
         with _held_guard:  # before the commit: from then on a thread may look at the row
             _held_tokens.add(token)
+        session = None
         try:
-            with self._transaction() as conn:
+            if self.db.engine == "postgresql":
+                session = contextlib.ExitStack()
+                if not session.enter_context(self.db.session_lock("retrain")):
+                    with self.db.read() as conn:
+                        holder = _lock_row(conn)
+                    raise RetrainLocked(holder or _UNKNOWN_HOLDER)
+            with self.db.write() as conn:
                 holder = _lock_row(conn)
-                if holder is not None:
+                if holder is not None and session is None:
                     stale = _stale_reason(holder)
                     if stale is None:
                         raise RetrainLocked(holder)
                     log.warning("taking over the retrain lock of %s: %s", holder.describe(),
                                 stale)
-                conn.execute("INSERT OR REPLACE INTO retrain_lock VALUES (1, ?, ?, ?, ?, ?)",
+                conn.execute("INSERT INTO retrain_lock VALUES (1, ?, ?, ?, ?, ?)"
+                             " ON CONFLICT (id) DO UPDATE SET token = excluded.token,"
+                             " pid = excluded.pid, process_started = excluded.process_started,"
+                             " host = excluded.host, started_at = excluded.started_at",
                              (token, os.getpid(), processes.start_time(), _HOST, utc_now()))
         except BaseException:
             with _held_guard:
                 _held_tokens.discard(token)
+            if session is not None:
+                session.close()
             raise
+        if session is not None:
+            self._lock_sessions[token] = session
         return token
 
     def release_retrain_lock(self, token: str) -> None:
         """Release the lock taken with ``token``; a lock taken over since is left alone."""
         try:
-            with self._transaction() as conn:
+            with self.db.write() as conn:
                 conn.execute("DELETE FROM retrain_lock WHERE id = 1 AND token = ?", (token,))
-        except sqlite3.Error:
+        except Exception:
             # never masks the retrain's own outcome; the row left behind names this process
             # with a token it no longer holds, so the next retrain finds it stale
             log.exception("could not release the retrain lock")
         finally:
             with _held_guard:
                 _held_tokens.discard(token)
+            session = self._lock_sessions.pop(token, None)
+            if session is not None:
+                session.close()  # PostgreSQL: unlocks, and ends the lock's connection
 
     def retrain_lock_holder(self) -> Optional[LockHolder]:
         """The live holder of the retrain lock, or None if it is free (or held by the dead)."""
-        with self._connect() as conn:
+        with self.db.read() as conn:
             holder = _lock_row(conn)
+        held = self.db.lock_is_held("retrain")
+        if held is not None:  # PostgreSQL: the advisory lock is the truth, the row a label
+            return (holder or _UNKNOWN_HOLDER) if held else None
         return holder if holder is not None and _stale_reason(holder) is None else None
 
 
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    """A data directory made before a column existed gets it (NULL for old rows); two workers
-    adding it at once is harmless: the loser's "duplicate column" is ignored."""
-    for table in ("analyses", "samples"):
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(%s)" % table)}
-        if "near_hash" not in columns:
-            try:
-                conn.execute("ALTER TABLE %s ADD COLUMN near_hash TEXT" % table)
-            except sqlite3.OperationalError as exc:
-                if "duplicate column" not in str(exc):
-                    raise
-
-
-def _lock_row(conn: sqlite3.Connection) -> Optional[LockHolder]:
+def _lock_row(conn: Any) -> Optional[LockHolder]:
     row = conn.execute("SELECT token, pid, process_started, host, started_at FROM retrain_lock"
                        " WHERE id = 1").fetchone()
     return None if row is None else LockHolder(*row)

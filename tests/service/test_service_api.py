@@ -248,7 +248,7 @@ def test_stats_meets_the_health_contract_and_says_what_it_can_do(client, real_pn
 def test_stats_without_any_model(make_app, monkeypatch, tmp_path) -> None:
     from deepfake import model as model_module
     monkeypatch.setattr(model_module, "BASELINE_PATH", str(tmp_path / "none.json"))
-    monkeypatch.setattr(model_module.ModelFiles.__init__, "__defaults__",
+    monkeypatch.setattr(model_module.StoredModels.__init__, "__defaults__",
                         (str(tmp_path / "none.json"),))
     client = make_app().test_client()
     body = client.get(API + "/stats").get_json()
@@ -358,8 +358,9 @@ def test_a_worse_candidate_does_not_replace_the_model(client, app, monkeypatch) 
     body = client.post(API + "/retrain").get_json()
     assert body["replaced"] is False and body["model_version"] == "baseline-1"
     assert "kept the current model: on held-out baseline images" in body["reason"]
-    files = app.extensions["deepfake"].models.files
-    assert not os.path.exists(files.current)
+    # nothing promoted: the store holds only the bundled seed
+    assert [src for _, _, src, _ in app.extensions["deepfake"].store.model_versions()] == [
+        "bundled"]
     assert client.get(API + "/stats").get_json()["model"]["version"] == "baseline-1"
 
 

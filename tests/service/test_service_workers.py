@@ -2,7 +2,7 @@
 
 Two apps built on the same data directory in one process stand for two worker processes:
 they share nothing in memory but what a process would share (this module's code), only the
-files. What needs separate processes (PIDs, SIGKILL) is in test_service_process.py.
+store. What needs separate processes (PIDs, SIGKILL) is in test_service_process.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import pytest
 
 from service_images import encode, nearest_upsampled, pink_noise
 from deepfake import processes, retrain, store as store_module
-from deepfake.model import BASELINE_PATH, ModelFiles, read_model
+from deepfake.model import BASELINE_PATH, StoredModels, read_model
 from deepfake.retrain import ModelHolder
 from deepfake.store import RetrainLocked, Store
 
@@ -66,9 +66,19 @@ def data_dir(app) -> str:
     return app.extensions["deepfake"].config.data_dir
 
 
-def install_elsewhere(directory: str, version: str) -> None:
-    """Install the baseline's weights under ``version``, as another worker would."""
-    ModelFiles(directory).install(replace(read_model(BASELINE_PATH), version=version))
+def install_elsewhere(directory: str, version: str, **changes) -> None:
+    """Promote the baseline's weights as ``version``, as another worker would."""
+    store = Store(directory)
+    try:
+        store.promote_model(replace(read_model(BASELINE_PATH), version=version,
+                                    **changes).to_json(), "retrained")
+    finally:
+        store.close()
+
+
+def current_version(app) -> str:
+    store = app.extensions["deepfake"].store
+    return store.model(store.current_model_id()).version
 
 
 def dead_pid() -> int:
@@ -141,13 +151,13 @@ def test_a_retrain_on_the_other_worker_compares_against_the_newest_model(workers
     assert "the 4 feedback labels it learnt" in second["previous_metrics"]["recipe"]
     assert second["learnt"]["new_labels"] == 2
     assert second["previous_metrics"]["n_images"] == second["metrics"]["n_images"]
-    files = app_b.extensions["deepfake"].models.files
+    versions = [v for _, v, _, _ in app_b.extensions["deepfake"].store.model_versions()]
     if second["replaced"]:
         assert second["model_version"] != first["model_version"]
-        assert read_model(files.previous).version == first["model_version"]
+        assert versions[-2:] == [first["model_version"], second["model_version"]]
     else:
         assert second["model_version"] == first["model_version"]
-    assert read_model(files.current).version == second["model_version"]
+    assert current_version(app_b) == second["model_version"]
     assert a.get(API + "/stats").get_json()["model"]["version"] == second["model_version"]
 
 
@@ -158,9 +168,9 @@ def test_model_versions_are_unique_within_a_millisecond() -> None:
                for v in versions)
 
 
-# --- the holder follows current.json ---------------------------------------------------------
+# --- the holder follows the store's current version -----------------------------------------
 
-def counting_loads(monkeypatch, files: ModelFiles) -> list:
+def counting_loads(monkeypatch, files: StoredModels) -> list:
     calls = []
     real = files.load_active
 
@@ -173,12 +183,12 @@ def counting_loads(monkeypatch, files: ModelFiles) -> list:
 
 def test_the_holder_reloads_once_per_change_however_many_threads_ask(tmp_path,
                                                                    monkeypatch) -> None:
-    files = ModelFiles(str(tmp_path))
+    files = StoredModels(Store(str(tmp_path)), str(tmp_path))
     holder = ModelHolder(files)
     loads = counting_loads(monkeypatch, files)
     for _ in range(50):
         assert holder.current().version == "baseline-1"
-    assert loads == []  # unchanged: a stat, no read
+    assert loads == []  # unchanged: the pointer read, no model read
     install_elsewhere(str(tmp_path), "other-1")
     barrier = threading.Barrier(8)
     seen = []
@@ -196,21 +206,20 @@ def test_the_holder_reloads_once_per_change_however_many_threads_ask(tmp_path,
     assert holder.current().source == "current" and len(loads) == 1
 
 
-def test_a_damaged_current_model_falls_back_once_not_on_every_request(workers, caplog) -> None:
+def test_an_unusable_stored_model_falls_back_once_not_on_every_request(workers, caplog) -> None:
     (app_a, _), (a, b) = workers
-    for version in ("first-1", "second-1"):
-        install_elsewhere(data_dir(app_a), version)
+    install_elsewhere(data_dir(app_a), "first-1")
     for client in (a, b):
-        assert client.get(API + "/stats").get_json()["model"]["version"] == "second-1"
-    with open(ModelFiles(data_dir(app_a)).current, "w") as handle:
-        handle.write('{"format": "deepfake-linear-mo')  # torn by some other tool
+        assert client.get(API + "/stats").get_json()["model"]["version"] == "first-1"
+    # a version promoted by a replica running other code (features this code cannot compute)
+    install_elsewhere(data_dir(app_a), "other-features-1", feature_version="features-v0")
     caplog.set_level(logging.WARNING, logger="deepfake.model")
     for client in (a, b) * 10:
         model = client.get(API + "/stats").get_json()["model"]
-        assert (model["version"], model["source"]) == ("first-1", "previous")
+        assert (model["version"], model["source"]) == ("baseline-1", "baseline")
     skipped = [r for r in caplog.records if "skipping current model" in r.getMessage()]
     assert len(skipped) == 2  # once per worker, not once per request
-    install_elsewhere(data_dir(app_a), "third-1")  # a model installed afterwards is used again
+    install_elsewhere(data_dir(app_a), "third-1")  # a model promoted afterwards is used again
     for client in (a, b):
         model = client.get(API + "/stats").get_json()["model"]
         assert (model["version"], model["source"]) == ("third-1", "current")
@@ -352,9 +361,10 @@ def test_two_retrains_at_the_same_moment_on_two_workers(workers, monkeypatch) ->
     winner = next(body for body in answers.values() if "replaced" in body)
     loser = next(body for body in answers.values() if "replaced" not in body)
     assert loser["error"] == "Retrain already running"
-    files = app_a.extensions["deepfake"].models.files
-    assert read_model(files.current).version == winner["model_version"]
-    assert [n for n in os.listdir(files.directory) if n.startswith(".tmp-")] == []
+    assert current_version(app_a) == winner["model_version"]
+    # one retrain promoted one version: the bundled seed, then the winner's
+    assert [(v, src) for _, v, src, _ in app_a.extensions["deepfake"].store.model_versions()] \
+        == [("baseline-1", "bundled"), (winner["model_version"], "retrained")]
     assert len(acked) == 6
     for client in (a, b):
         stats = client.get(API + "/stats").get_json()
