@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import socket
 import time
 import urllib.parse
@@ -333,8 +334,24 @@ def test_both_servers_bind_loopback_by_default(service_gw, service_prod_gw):
 def test_gateway_binds_all_interfaces_only_when_told_and_the_child_stays_on_loopback(gateways):
     gw = gateways(echo_args() + ["--host", "0.0.0.0"])
     assert listening(gw.pid) == {("0.0.0.0", gw.port)}
-    assert listening(gw.child_pid()) == {("127.0.0.1", gw.flask_port)}
-    assert "anyone who can reach this machine can use it" in gw.log()
+    # beyond loopback without a token: one is generated, its URL printed once, the API closed
+    token = re.search(r"/\?token=([A-Za-z0-9_-]+)", gw.log()).group(1)
+    assert gw.get("/api/deepfake/stats").status == 401
+    assert "pid" not in gw.get("/api/gateway/status").json()["service"]
+    auth = {"Authorization": "Bearer " + token}
+    assert gw.get("/api/deepfake/stats", headers=auth).status == 200
+    child = gw.get("/api/gateway/status", headers=auth).json()["service"]["pid"]
+    assert listening(child) == {("127.0.0.1", gw.flask_port)}
+    assert gw.interrupt() == 0
+    assert gw.log().count(token) == 1  # printed once, never logged again
+
+
+@pytest.mark.timeout(40)
+def test_an_open_gateway_beyond_loopback_is_an_explicit_loud_choice(gateways):
+    gw = gateways(echo_args() + ["--host", "0.0.0.0", "--auth", "none"])
+    assert gw.get("/api/deepfake/stats").status == 200
+    assert "GATEWAY_AUTH=none" in gw.log() and "without authentication" in gw.log()
+    assert "?token=" not in gw.log()
     assert gw.interrupt() == 0
 
 
