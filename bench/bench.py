@@ -45,7 +45,7 @@ run here, once more on uvloop (row "gw uvloop" = ``--loop uvloop``; ``--no-uvloo
 out). The tiny-GET table gives each row's CPU per request (gateway and child, psutil), and
 each variant's gateway CPU per request against the shipped gateway's in the same repeat. On an
 older gateway without the ``--upstream`` setting, the second row
-is "gateway+pool": ``tornado_gateway.pool.KeepAliveHTTPClient`` selected through
+is "gateway+pool": ``tornado_gateway.http.client.UpstreamHTTPClient`` selected through
 ``AsyncHTTPClient.configure`` before ``main()``. Every process is on 127.0.0.1 with free ports,
 every load run has a fixed duration, and every process started here is stopped by PID at the
 end, also on error or Ctrl+C. ``--only``/``--skip`` choose phases (launch, tiny, transfers,
@@ -85,7 +85,7 @@ PY = sys.executable
 HOST = "127.0.0.1"
 GIB = 1024 ** 3
 MIB = 1024 ** 2
-POOL_CLASS = "tornado_gateway.pool.KeepAliveHTTPClient"
+POOL_CLASS = "tornado_gateway.http.client.UpstreamHTTPClient"
 
 # Starts the gateway's own command line after selecting an AsyncHTTPClient implementation,
 # which configure_http_client() keeps (see tornado_gateway/proxy.py).

@@ -1,7 +1,7 @@
 """Quick figures: a tiny GET direct to waitress vs through a minimal Tornado proxy.
 
 Compares the proxy on ``SimpleAsyncHTTPClient`` (a new upstream connection per request)
-with :class:`tornado_gateway.pool.KeepAliveHTTPClient` (upstream keep-alive), at 1 and 32
+with :class:`tornado_gateway.http.client.UpstreamHTTPClient` (upstream keep-alive), at 1 and 32
 concurrent keep-alive client connections, and prints requests/s and the ratio to direct.
 127.0.0.1 only, bounded (~20 s with the defaults). Backend, proxy and load generator run as separate
 processes so that they do not share one event loop (they do share the machine's cores,
@@ -73,7 +73,7 @@ def run_proxy(port: int, upstream_port: int, client: str) -> None:
 
     if client == "pool":
         AsyncHTTPClient.configure(
-            "tornado_gateway.pool.KeepAliveHTTPClient", max_clients=64
+            "tornado_gateway.http.client.UpstreamHTTPClient", max_clients=64
         )
     else:
         AsyncHTTPClient.configure(

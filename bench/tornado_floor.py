@@ -19,7 +19,7 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from tornado_gateway.h1server import GatewayHTTPServer
+from tornado_gateway.http.server import GatewayHTTPServer
 
 
 class Tiny(tornado.web.RequestHandler):

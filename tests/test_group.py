@@ -20,7 +20,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from tornado.netutil import bind_sockets
 
 from tornado_gateway.config import FlaskConfig, GatewayConfig, load_config
-from tornado_gateway.h1server import GatewayHTTPServer
+from tornado_gateway.http.server import GatewayHTTPServer
 from tornado_gateway.group import NoWorker, QueueTimeout, WorkerGroup
 from tornado_gateway.dispatch import Overloaded
 from tornado_gateway.proxy import configure_http_client, proxy_routes
@@ -205,7 +205,7 @@ def group(config) -> WorkerGroup:
 
 @pytest.fixture
 def app(group, config):
-    configure_http_client(config, impl="tornado_gateway.pool.KeepAliveHTTPClient")
+    configure_http_client(config, impl="tornado_gateway.http.client.UpstreamHTTPClient")
     yield tornado.web.Application(proxy_routes(group, config))
     AsyncHTTPClient.configure(None)  # the choice is process-wide: leave the next test's alone
 

@@ -23,10 +23,10 @@ import tornado.web
 from tornado.ioloop import IOLoop
 from tornado.netutil import bind_sockets
 
-from tornado_gateway import pool as pool_mod
+from tornado_gateway.http import client as pool_mod
 from tornado_gateway.child import PosixProcessControl
-from tornado_gateway.h1server import GatewayHTTPServer
-from tornado_gateway.pool import KeepAliveHTTPClient
+from tornado_gateway.http.server import GatewayHTTPServer
+from tornado_gateway.http.client import UpstreamHTTPClient
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -63,7 +63,7 @@ class Echo(tornado.web.RequestHandler):
         self.write({"received": len(self.request.body)})
 
 
-async def test_h1server_serves_keepalive_and_bodies(io_loop):
+async def test_gateway_http_server_serves_keepalive_and_bodies(io_loop):
     assert running_loop_name() == io_loop.loop_name
     srv = GatewayHTTPServer(tornado.web.Application([(r"/", Echo)]))
     sockets = bind_sockets(0, "127.0.0.1")
@@ -122,7 +122,7 @@ class OneShotServer:
 
 async def test_pool_peek_sees_a_close_the_loop_has_not_read_yet(io_loop):
     server = OneShotServer()
-    client = KeepAliveHTTPClient(force_instance=True)
+    client = UpstreamHTTPClient(force_instance=True)
     try:
         assert (await client.fetch(server.url + "/a")).body == b"ok"
         [(conn, _since)] = [item for dq in client._idle.values() for item in dq]
@@ -141,7 +141,7 @@ async def test_pool_peek_sees_a_close_the_loop_has_not_read_yet(io_loop):
 
 async def test_pool_salvages_the_answer_left_in_the_socket_after_a_failed_write(
         io_loop, monkeypatch):
-    """test_pool's deterministic early-answer race, under both loops: the 413 and the reset
+    """test_http_client's deterministic early-answer race, under both loops: the 413 and the reset
     arrive while the loop is blocked, the next write fails before the transport read the
     answer, and what _salvage reads from the socket is the request's answer."""
     salvaged: List[int] = []
@@ -164,7 +164,7 @@ async def test_pool_salvages_the_answer_left_in_the_socket_after_a_failed_write(
     monkeypatch.setattr(pool_mod._Upstream, "_salvage", counting_salvage)
     proc = subprocess.Popen([sys.executable, EARLY_ANSWER_SERVER, "--port", "0", "--limit", "10",
                              "--close", "rst"], stdout=subprocess.PIPE, text=True)
-    client = KeepAliveHTTPClient(force_instance=True)
+    client = UpstreamHTTPClient(force_instance=True)
     try:
         line = proc.stdout.readline() if proc.stdout is not None else ""
         assert line.startswith("LISTENING"), line

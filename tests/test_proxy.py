@@ -91,7 +91,7 @@ def bridge(echo_url) -> FakeBridge:
 
 @pytest.fixture
 def app(bridge, config):
-    # PROXY_TEST_CLIENT=tornado_gateway.pool.KeepAliveHTTPClient runs the suite on the pool
+    # PROXY_TEST_CLIENT=tornado_gateway.http.client.UpstreamHTTPClient runs the suite on the pool
     configure_http_client(config, impl=os.environ.get("PROXY_TEST_CLIENT") or None)
     return tornado.web.Application(proxy_routes(bridge, config))
 
@@ -731,7 +731,7 @@ def test_memory_bounded_for_1gib_each_way():
     import psutil
 
     echo, echo_port = start_script("echo_server.py", "--port", "0")
-    pool = ["--pool"] if os.environ.get("PROXY_TEST_CLIENT", "").endswith("KeepAliveHTTPClient") \
+    pool = ["--pool"] if os.environ.get("PROXY_TEST_CLIENT", "").endswith("UpstreamHTTPClient") \
         else []
     gateway, port = start_script("proxy_gateway.py", "--upstream",
                                  "http://127.0.0.1:%d" % echo_port, *pool)
@@ -835,12 +835,12 @@ def production_stack(io_loop, refusing_urls, close_mode):
 
     from tornado.netutil import bind_sockets
 
-    from tornado_gateway.h1server import GatewayHTTPServer
+    from tornado_gateway.http.server import GatewayHTTPServer
 
     saved = AsyncHTTPClient._save_configuration()
     config = GatewayConfig(max_body=256 << 20, proxy_timeout=30000, connect_timeout=2000,
                            ready_wait=2000, body_timeout=60000)
-    configure_http_client(config, impl="tornado_gateway.pool.KeepAliveHTTPClient")
+    configure_http_client(config, impl="tornado_gateway.http.client.UpstreamHTTPClient")
     bridge = FakeBridge(refusing_urls[close_mode])
     app = tornado.web.Application(proxy_routes(bridge, config))
     server = GatewayHTTPServer(app, body_timeout=config.body_timeout / 1000.0)
@@ -958,7 +958,7 @@ async def test_early_413_reaches_a_stalled_client_at_once(production_stack):
     await _after_refusal_all_is_well(port, bridge, records)
 
 
-@pytest.mark.parametrize("impl", [None, "tornado_gateway.pool.KeepAliveHTTPClient"],
+@pytest.mark.parametrize("impl", [None, "tornado_gateway.http.client.UpstreamHTTPClient"],
                          ids=["simple", "pool"])
 async def test_no_user_agent_is_invented_for_the_child(gw_port, config, impl):
     """A request without User-Agent reaches the child without one (Tornado's clients would

@@ -115,7 +115,7 @@ def bridge(echo_url) -> FakeBridge:
 
 @pytest.fixture
 def app(bridge, config):
-    # PROXY_TEST_CLIENT=tornado_gateway.pool.KeepAliveHTTPClient runs the suite on the pool
+    # PROXY_TEST_CLIENT=tornado_gateway.http.client.UpstreamHTTPClient runs the suite on the pool
     configure_http_client(config, impl=os.environ.get("PROXY_TEST_CLIENT") or None)
     return tornado.web.Application(proxy_routes(bridge, config))
 

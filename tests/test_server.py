@@ -277,7 +277,7 @@ async def _head_timeout_server(timeout: float):
     import tornado.web
     from tornado.netutil import bind_sockets
 
-    from tornado_gateway.h1server import GatewayHTTPServer
+    from tornado_gateway.http.server import GatewayHTTPServer
 
     class Hello(tornado.web.RequestHandler):
         def get(self) -> None:

@@ -1,6 +1,7 @@
-"""Uploads through the keep-alive pool must not wait for the server's delayed ACK.
+"""Uploads through the upstream client (tornado_gateway.http.client) must not wait for the
+server's delayed ACK.
 
-The pool writes a request in pieces (the head, then each body piece). Without TCP_NODELAY on
+The client writes a request in pieces (the head, then each body piece). Without TCP_NODELAY on
 the upstream socket, Linux holds a short segment while an earlier short one is unacknowledged,
 and the kernel of a server on a kept-alive connection delays that ACK by 40 ms: through the
 gateway, an analyze upload's last piece sat in the gateway's socket that long in many requests.
@@ -23,8 +24,8 @@ from typing import Any
 import pytest
 import tornado.test
 
-from tornado_gateway import pool
-from tornado_gateway.pool import KeepAliveHTTPClient
+from tornado_gateway.http import client as client_mod
+from tornado_gateway.http.client import UpstreamHTTPClient
 
 #: linux/sockios.h: bytes in the send queue not yet sent (written but held back).
 SIOCOUTQNSD = 0x894B
@@ -92,7 +93,7 @@ async def start_upstream(tls: bool = False) -> tuple[asyncio.AbstractServer, str
     return server, "%s://127.0.0.1:%d" % ("https" if tls else "http", port), bodies
 
 
-def pooled_socket(client: KeepAliveHTTPClient) -> Any:
+def pooled_socket(client: UpstreamHTTPClient) -> Any:
     """The TCP socket under the client's one idle connection."""
     [conn] = [conn for idle in client._idle.values() for conn, _since in idle]
     return conn.transport.get_extra_info("socket")
@@ -106,7 +107,7 @@ def unsent(sock: Any) -> int:
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
 async def test_upstream_connections_disable_nagle(io_loop, tls):
     server, url, _bodies = await start_upstream(tls)
-    client = KeepAliveHTTPClient(force_instance=True)
+    client = UpstreamHTTPClient(force_instance=True)
     try:
         response = await client.fetch(url + "/", validate_cert=False)
         assert response.body == b"0"
@@ -123,7 +124,7 @@ async def test_body_pieces_leave_at_once_on_a_kept_alive_connection(io_loop):
     """Each piece a body producer writes is on the wire when its write returns, even though
     the server has not yet acknowledged the head (or the piece before)."""
     server, url, bodies = await start_upstream()
-    client = KeepAliveHTTPClient(force_instance=True)
+    client = UpstreamHTTPClient(force_instance=True)
     pieces = [b"a" * 100, b"b" * 1000, b"c" * 10, b"d" * 3000]
     try:
         await client.fetch(url + "/", method="POST", body=b"warm")  # now a pooled connection
@@ -153,15 +154,15 @@ async def test_body_pieces_leave_at_once_on_a_kept_alive_connection(io_loop):
 async def test_each_chunk_of_a_chunked_body_is_one_write(io_loop, monkeypatch):
     """Size line, data and CRLF leave together: with Nagle off, every write is a segment."""
     writes: list[bytes] = []
-    original = pool._Upstream.write
+    original = client_mod._Upstream.write
 
     def recording_write(self: Any, data: bytes) -> Any:
         writes.append(bytes(data))
         return original(self, data)
 
-    monkeypatch.setattr(pool._Upstream, "write", recording_write)
+    monkeypatch.setattr(client_mod._Upstream, "write", recording_write)
     server, url, bodies = await start_upstream()
-    client = KeepAliveHTTPClient(force_instance=True)
+    client = UpstreamHTTPClient(force_instance=True)
     pieces = [b"x" * 100, b"y" * 70_000, b"z"]
 
     async def produce(write: Any) -> None:

@@ -21,7 +21,7 @@ _WHERE: Dict[str, str] = {
     "DeepfakeProxyHandler": ".proxy",
     "FlaskConfig": ".config",
     "GatewayConfig": ".config",
-    "GatewayHTTPServer": ".h1server",
+    "GatewayHTTPServer": ".http.server",
     "PythonBridge": ".bridge",
     "configure_http_client": ".proxy",
     "configure_upstream_client": ".server",

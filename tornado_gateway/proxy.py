@@ -5,8 +5,8 @@ Mount it with one line::
     app = tornado.web.Application(proxy_routes(bridge, config) + other_routes)
 
 and call ``configure_upstream_client(config)`` (``tornado_gateway.server``) once at startup,
-before the first request: it selects the keep-alive pool (``pool.py``) and sizes it so that
-large downloads are not cut at Tornado's default 100 MiB client limit.
+before the first request: it selects the keep-alive pool (``http/client.py``) and sizes it
+so that large downloads are not cut at Tornado's default 100 MiB client limit.
 :func:`configure_http_client` does the sizing for whichever client is already configured.
 
 What the handler promises (the "Proxy contract" in ARCHITECTURE.md):

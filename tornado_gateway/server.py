@@ -22,7 +22,7 @@ from .app import make_app
 from .auth import Access, TokenFileError, access_for, is_loopback
 from .group import WorkerGroup
 from .config import GatewayConfig, PRODUCTION
-from .h1server import GatewayHTTPServer
+from .http.server import GatewayHTTPServer
 from .proxy import configure_http_client
 
 log = logging.getLogger("tornado_gateway")
@@ -107,7 +107,7 @@ class SignalCatcher:
 
 UPSTREAM_CLIENTS = {
     # upstream keep-alive: no new TCP connection (and TIME_WAIT socket) per proxied request
-    "keepalive": "tornado_gateway.pool.KeepAliveHTTPClient",
+    "keepalive": "tornado_gateway.http.client.UpstreamHTTPClient",
     "simple": "tornado.simple_httpclient.SimpleAsyncHTTPClient",
 }
 # below waitress's default channel_timeout (120 s) and werkzeug's, so the gateway closes an
@@ -122,9 +122,11 @@ def configure_upstream_client(config: GatewayConfig) -> None:
     application should do too.
 
     ``AsyncHTTPClient.configure`` is process-wide: the application's own ``AsyncHTTPClient()``
-    fetches use the pool as well (it follows redirects, decompresses gzip and streams like
-    Tornado's default client). To keep a client of your own choosing for the proxy, call
-    :func:`~tornado_gateway.proxy.configure_http_client` instead.
+    fetches use the pool as well, and it is made for proxying: it streams like Tornado's
+    default client but follows no redirects, decompresses nothing, refuses ``auth_username``
+    and adds no User-Agent (``tornado_gateway.http.client``). An application that needs those
+    builds its own ``SimpleAsyncHTTPClient(force_instance=True)``; to keep a client of your own
+    choosing for the proxy, call :func:`~tornado_gateway.proxy.configure_http_client` instead.
     """
     impl = UPSTREAM_CLIENTS[config.upstream]
     AsyncHTTPClient.configure(None)  # drop settings meant for another implementation

@@ -73,7 +73,7 @@ async def _serve(args: Any) -> None:
 
     config = GatewayConfig(max_body=args.max_body, proxy_timeout=600000)
     if args.pool:
-        configure_http_client(config, impl="tornado_gateway.pool.KeepAliveHTTPClient")
+        configure_http_client(config, impl="tornado_gateway.http.client.UpstreamHTTPClient")
     else:
         configure_http_client(config)
     app = tornado.web.Application(proxy_routes(FakeBridge(args.upstream), config))

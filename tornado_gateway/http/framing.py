@@ -124,3 +124,73 @@ def connection_tokens(headers: httputil.HTTPHeaders) -> frozenset:
     return frozenset(token.strip().lower()
                      for value in headers.get_list("Connection")
                      for token in value.split(",") if token.strip())
+
+
+# --- client side: requests the proxy's HTTP client sends, responses it reads --------------
+# (tornado_gateway/http/client.py; llhttp parses the responses, these are the rules it leaves
+# to the client)
+
+#: Methods whose request without a body still says so (``Content-Length: 0``): a server must
+#: not have to guess whether a POST, PUT or PATCH has a body (RFC 9110 8.6).
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def request_body_framing(method: str, headers: httputil.HTTPHeaders, body_length: Optional[int],
+                         streamed: bool) -> Optional[tuple[str, str]]:
+    """The framing header the client adds to a request, or None when it adds none.
+
+    ``body_length`` is the length of a body in hand (None: no body in hand), ``streamed``
+    whether a body producer makes the body. A body in hand is sent with its
+    ``Content-Length``; a streamed body with the caller's ``Content-Length`` or
+    ``Transfer-Encoding`` (the caller then frames it) or else chunked by the client; a POST,
+    PUT or PATCH without any body says ``Content-Length: 0``. No other method gets a framing
+    header it did not ask for.
+    """
+    if body_length is not None:
+        return ("Content-Length", str(body_length))
+    if not streamed and method not in _BODY_METHODS:
+        return None  # (the common GET: no header look-up)
+    if get_field(headers, "Content-Length") is not None or \
+            get_field(headers, "Transfer-Encoding") is not None:
+        return None
+    return ("Transfer-Encoding", "chunked") if streamed else ("Content-Length", "0")
+
+
+def upstream_response_framing(request_method: str, status: int,
+                              headers: httputil.HTTPHeaders) -> Framing:
+    """How a response read from upstream is delimited, as llhttp reads it (RFC 9112 6.3).
+
+    No body for HEAD, 1xx, 204 and 304 whatever the headers say; else chunked when the last
+    transfer coding is ``chunked``, the Content-Length, and otherwise (no length, or a last
+    coding that is not ``chunked``) the connection's end. ``UNTIL_CLOSE`` is what the client
+    must know: llhttp never ends such a body itself (the client ends it at EOF), and the
+    connection is not reused after it.
+    """
+    if request_method == "HEAD" or status < 200 or status in _NO_BODY_STATUS:
+        return Framing.NONE
+    encodings = get_field(headers, "Transfer-Encoding")
+    if encodings is not None:
+        last = encodings.rsplit(",", 1)[-1].strip().lower()
+        return Framing.CHUNKED if last == "chunked" else Framing.UNTIL_CLOSE
+    if get_field(headers, "Content-Length") is not None:
+        return Framing.LENGTH
+    return Framing.UNTIL_CLOSE
+
+
+def upstream_response_error(status: int, headers: httputil.HTTPHeaders) -> Optional[str]:
+    """Why a response head llhttp accepted is refused all the same, or None.
+
+    A 1xx response with body framing headers, and a 204 announcing a body: llhttp reads
+    both as bodiless, and the bytes such a server then sends would be taken for the next
+    response on the connection. (Tornado's clients refuse them, in these words.)
+    """
+    if status < 200:
+        if get_field(headers, "Content-Length") is not None or \
+                get_field(headers, "Transfer-Encoding") is not None:
+            return "Response code %d cannot have body" % status
+    elif status == 204:
+        length = get_field(headers, "Content-Length")
+        if get_field(headers, "Transfer-Encoding") is not None or \
+                (length is not None and length.strip() != "0"):
+            return "Response with code 204 should not have body"
+    return None
