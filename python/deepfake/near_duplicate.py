@@ -11,7 +11,16 @@ the image:
   a 3/4 resize of one is 0 apart).
 - ``crop_resistant_hash`` (Jain et al.'s segment hash): a crop of a larger picture. Two images
   are the same source when at least one segment's hash matches exactly. Segmentation runs on a
-  :data:`SEGMENTATION_SIZE`-pixel version (~0.1 s for a 512-pixel photo).
+  :data:`SEGMENTATION_SIZE`-pixel version.
+
+Cost. ``imagehash.crop_resistant_hash`` finds its segments with a flood fill written in
+Python: ~75 ms for a 512-pixel photo, three quarters of an analysis. :func:`crop_resistant`
+computes the *same* hash (the same segments, the same ``imagehash.dhash`` of each segment's
+bounding box, the same text) with ``scipy.ndimage.label`` doing the connected components in C:
+~3 ms. The stored value is unchanged, so hashes stored before and after compare as before;
+``tests/service/test_service_scope.py`` checks it against imagehash's own on photos, textures,
+crops and small images (they differ only in imagehash's early stop below, see
+:func:`crop_resistant`).
 
 Groups are the connected components of "same source": a photo, its resized copy and a crop
 of that copy are one group even if the crop and the photo alone would not match. A false match
@@ -22,12 +31,15 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageFilter
 
 log = logging.getLogger("deepfake.near_duplicate")
 
 PHASH_MAX_DISTANCE = 10  # of 64 bits
-SEGMENTATION_SIZE = 200  # pixels; imagehash's default of 300 costs ~0.27 s per photo
+SEGMENTATION_SIZE = 200  # pixels (imagehash's default is 300)
+SEGMENT_THRESHOLD = 128  # imagehash's defaults for crop_resistant_hash
+MIN_SEGMENT_SIZE = 500
 _SEP = ";"
 
 
@@ -40,11 +52,50 @@ def hash_image(image: Image.Image) -> Optional[str]:
         gray = image if image.mode in ("L", "RGB") else image.convert("RGB")
         parts.append("p:" + str(imagehash.phash(gray)))
         if min(image.size) >= 16:
-            parts.append("c:" + str(imagehash.crop_resistant_hash(
-                gray, segmentation_image_size=SEGMENTATION_SIZE)))
+            parts.append("c:" + crop_resistant(gray))
     except Exception as exc:  # an unusual mode or a degenerate image: no hash, exact bytes only
         log.info("no perceptual hash for this image: %s", exc)
     return _SEP.join(parts) or None
+
+
+def crop_resistant(image: Image.Image) -> str:
+    """``str(imagehash.crop_resistant_hash(image, segmentation_image_size=SEGMENTATION_SIZE))``,
+    with the segments found by ``scipy.ndimage.label`` instead of imagehash's Python flood fill.
+
+    imagehash: grey, resized to SEGMENTATION_SIZE square (Lanczos), Gaussian blur, median
+    filter; "hills" (> SEGMENT_THRESHOLD) then "valleys" are 4-connected regions, each in the
+    order of its first pixel (row-major), kept if larger than MIN_SEGMENT_SIZE; each kept
+    region's bounding box, scaled to the original, is cropped and ``dhash``-ed. ``label``
+    numbers components in that same order. One difference: imagehash stops looking for valleys
+    once its count of visited pixels (which includes the 4 * SEGMENTATION_SIZE pixels just
+    outside the border) reaches the image's area, so it can skip the last valleys in scan
+    order; here every valley is examined. A segment more only adds a hash, and matching needs
+    one equal segment: grouping can only become stricter (more merges), never leakier.
+    """
+    import imagehash
+    from scipy import ndimage
+
+    size = SEGMENTATION_SIZE
+    small = image.convert("L").resize((size, size), Image.Resampling.LANCZOS)
+    small = small.filter(ImageFilter.GaussianBlur()).filter(ImageFilter.MedianFilter())
+    hills = np.asarray(small).astype(np.float32) > SEGMENT_THRESHOLD
+    boxes = []
+    for mask in (hills, ~hills):
+        labels, count = ndimage.label(mask)  # 4-connectivity, raster order of first pixels
+        if not count:
+            continue
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        for number, where in enumerate(ndimage.find_objects(labels), start=1):
+            if where is not None and sizes[number] > MIN_SEGMENT_SIZE:
+                boxes.append((where[0].start, where[1].start, where[0].stop, where[1].stop))
+    if not boxes:  # imagehash: one segment, the whole image
+        boxes.append((0, 0, size, size))
+    width, height = image.size
+    scale_w, scale_h = float(width) / size, float(height) / size
+    hashes = [imagehash.dhash(image.crop((left * scale_w, top * scale_h, right * scale_w,
+                                          bottom * scale_h)))
+              for top, left, bottom, right in boxes]
+    return str(imagehash.ImageMultiHash(hashes))
 
 
 def same_source(a: Optional[str], b: Optional[str]) -> bool:

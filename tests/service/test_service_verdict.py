@@ -5,8 +5,8 @@ from hypothesis import given, settings, strategies as st
 
 import service_images  # noqa: F401  (puts python/ on sys.path)
 from deepfake.provenance import Finding
-from deepfake.verdict import (ABSENCE_NOTE, NO_TRACES_HEADLINE, TRACES_HEADLINE, SignalSummary,
-                              combine, strength)
+from deepfake.verdict import (ABSENCE_NOTE, NO_TRACES_HEADLINE, RESAMPLING_HEADLINE,
+                              TRACES_HEADLINE, SignalSummary, combine, strength)
 
 DECLARES = ("ai_generated", "ai_composite", "captured", "other", "unreadable")
 PLACES = (("c2pa", "C2PA manifest store (active manifest urn:x)"),
@@ -31,9 +31,10 @@ def findings(draw) -> Finding:
     return Finding(source, where, "says something", declares, tool, details)
 
 
-signals = st.builds(SignalSummary, st.sampled_from(["traces_found", "no_traces_found",
-                                                    "inconclusive"]),
-                    st.sampled_from([None, "too small", "noise"]))
+STATUSES = ["traces_found", "no_traces_found", "inconclusive"]
+# the spectral signal's status and reason, and the resampling signal's status
+signals = st.builds(SignalSummary, st.sampled_from(STATUSES),
+                    st.sampled_from([None, "too small", "noise"]), st.sampled_from(STATUSES))
 evidence = st.lists(findings(), max_size=5)
 
 
@@ -52,9 +53,11 @@ def test_the_rules_in_order(items, signal) -> None:
         assert (decision.verdict, decision.rule) == ("declared_capture", "R2")
     else:
         assert decision.rule == "R3" and decision.basis == "signal"
-        assert decision.verdict == {"traces_found": "upsampling_traces",
-                                    "no_traces_found": "no_traces_found",
-                                    "inconclusive": "inconclusive"}[signal.status]
+        if "traces_found" in (signal.status, signal.resampling):  # either signal's traces
+            assert decision.verdict == "upsampling_traces"
+        else:  # the resampling signal's absence never settles an inconclusive reading
+            assert decision.verdict == {"no_traces_found": "no_traces_found",
+                                        "inconclusive": "inconclusive"}[signal.status]
 
 
 @settings(max_examples=300)
@@ -64,8 +67,11 @@ def test_never_ai_from_the_signal_alone(items, signal) -> None:
     if decision.verdict != "declared_ai":
         assert "AI-generated" not in decision.headline and "by AI" not in decision.headline
     if decision.verdict == "upsampling_traces":
-        assert decision.headline == TRACES_HEADLINE
-        assert "ordinary enlargement" in decision.headline
+        # the spectral signal's words when it found traces; else the resampling signal's
+        assert decision.headline == (TRACES_HEADLINE if signal.status == "traces_found"
+                                     else RESAMPLING_HEADLINE)
+        assert "ordinary enlargement" in decision.headline or \
+            "ordinary resizing" in decision.headline
     if decision.verdict == "no_traces_found":
         assert decision.headline == NO_TRACES_HEADLINE and "not show" in decision.headline
 
@@ -103,3 +109,20 @@ def test_an_untrusted_capture_claim_is_reported_not_relied_on(items, signal) -> 
     weak = [f for f in items if not trusted_capture(f)]
     assert len([n for n in decision.notes if "declares a capture, but" in n]) == len(weak)
     assert (decision.verdict == "declared_capture") == any(trusted_capture(f) for f in items)
+
+
+@settings(max_examples=200)
+@given(evidence, signals)
+def test_resampling_traces_alone_name_resizing_never_ai(items, signal) -> None:
+    signal = SignalSummary("no_traces_found" if signal.status == "traces_found"
+                           else signal.status, signal.reason, "traces_found")
+    decision = combine([f for f in items if f.declares not in ("ai_generated",
+                                                               "ai_composite")], signal)
+    if decision.rule == "R3":
+        assert decision.verdict == "upsampling_traces"
+        assert decision.headline == RESAMPLING_HEADLINE
+        assert "resampling traces found" in decision.headline
+        assert "also by ordinary resizing" in decision.headline
+    else:  # a trusted capture: the resizing is a note, not the verdict
+        assert decision.verdict == "declared_capture"
+        assert any("resized after capture" in n for n in decision.notes)
