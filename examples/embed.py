@@ -10,7 +10,7 @@ import signal
 
 import tornado.web
 
-from tornado_gateway import PythonBridge, configure_upstream_client, gateway_routes, load_config
+from tornado_gateway import PythonBridge, gateway_routes, load_config
 
 
 class HelloHandler(tornado.web.RequestHandler):
@@ -23,7 +23,6 @@ async def main():
     # would see neither the child's [Python] lines nor the gateway's warnings.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = load_config()                    # env vars, defaults, warnings
-    configure_upstream_client(config)         # the proxy's HTTP client: the keep-alive pool
     async with PythonBridge(config) as bridge:   # starts the child, stops its tree on exit
         app = tornado.web.Application([(r"/hello", HelloHandler)] +
                                       gateway_routes(bridge, config))

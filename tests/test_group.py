@@ -23,7 +23,7 @@ from tornado_gateway.config import FlaskConfig, GatewayConfig, load_config
 from tornado_gateway.http.server import GatewayHTTPServer
 from tornado_gateway.group import NoWorker, QueueTimeout, WorkerGroup
 from tornado_gateway.dispatch import Overloaded
-from tornado_gateway.proxy import configure_http_client, proxy_routes
+from tornado_gateway.proxy import proxy_routes
 from tornado_gateway.state import BridgeState
 
 from test_proxy import fetch, free_port, start_script, stop_script
@@ -205,9 +205,7 @@ def group(config) -> WorkerGroup:
 
 @pytest.fixture
 def app(group, config):
-    configure_http_client(config, impl="tornado_gateway.http.client.UpstreamHTTPClient")
-    yield tornado.web.Application(proxy_routes(group, config))
-    AsyncHTTPClient.configure(None)  # the choice is process-wide: leave the next test's alone
+    return tornado.web.Application(proxy_routes(group, config))
 
 
 class GatewayClient:

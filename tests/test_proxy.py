@@ -30,8 +30,8 @@ from tornado.tcpserver import TCPServer
 
 from tornado_gateway.config import GatewayConfig
 from tornado_gateway.proxy import (
-    check_target, client_response_headers, configure_http_client, has_request_body,
-    proxy_routes, upstream_request_headers,
+    check_target, client_response_headers, has_request_body,
+    UpstreamClient, proxy_routes, upstream_request_headers,
 )
 from tornado_gateway.state import BridgeState
 
@@ -90,10 +90,16 @@ def bridge(echo_url) -> FakeBridge:
 
 
 @pytest.fixture
-def app(bridge, config):
-    # PROXY_TEST_CLIENT=tornado_gateway.http.client.UpstreamHTTPClient runs the suite on the pool
-    configure_http_client(config, impl=os.environ.get("PROXY_TEST_CLIENT") or None)
-    return tornado.web.Application(proxy_routes(bridge, config))
+def proxy_client():
+    """The proxy's client class: the gateway's default (None); PROXY_TEST_CLIENT=tornado.
+    simple_httpclient.SimpleAsyncHTTPClient runs the suite on the alternative
+    (GATEWAY_UPSTREAM=simple)."""
+    return os.environ.get("PROXY_TEST_CLIENT") or None
+
+
+@pytest.fixture
+def app(bridge, config, proxy_client):
+    return tornado.web.Application(proxy_routes(bridge, config, client=proxy_client))
 
 
 @pytest.fixture
@@ -731,10 +737,10 @@ def test_memory_bounded_for_1gib_each_way():
     import psutil
 
     echo, echo_port = start_script("echo_server.py", "--port", "0")
-    pool = ["--pool"] if os.environ.get("PROXY_TEST_CLIENT", "").endswith("UpstreamHTTPClient") \
-        else []
+    simple = ["--simple"] if os.environ.get("PROXY_TEST_CLIENT", "").endswith(
+        "SimpleAsyncHTTPClient") else []
     gateway, port = start_script("proxy_gateway.py", "--upstream",
-                                 "http://127.0.0.1:%d" % echo_port, *pool)
+                                 "http://127.0.0.1:%d" % echo_port, *simple)
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("GET", "/api/deepfake/warmup")
@@ -837,12 +843,11 @@ def production_stack(io_loop, refusing_urls, close_mode):
 
     from tornado_gateway.http.server import GatewayHTTPServer
 
-    saved = AsyncHTTPClient._save_configuration()
     config = GatewayConfig(max_body=256 << 20, proxy_timeout=30000, connect_timeout=2000,
                            ready_wait=2000, body_timeout=60000)
-    configure_http_client(config, impl="tornado_gateway.http.client.UpstreamHTTPClient")
     bridge = FakeBridge(refusing_urls[close_mode])
-    app = tornado.web.Application(proxy_routes(bridge, config))
+    bridge.upstream = UpstreamClient(config)  # the stack's own client, for the tests to look at
+    app = tornado.web.Application(proxy_routes(bridge, config, client=bridge.upstream))
     server = GatewayHTTPServer(app, body_timeout=config.body_timeout / 1000.0)
     sockets = bind_sockets(0, "127.0.0.1")
     io_loop.run_sync(lambda: server.start(sockets))
@@ -862,7 +867,6 @@ def production_stack(io_loop, refusing_urls, close_mode):
         root.removeHandler(keep)
         server.stop()
         io_loop.run_sync(server.close_all_connections)
-        AsyncHTTPClient._restore_configuration(saved)
 
 
 def _client_upload(port: int, declared: int, send: int, timeout: float = 20.0) -> dict:
@@ -938,7 +942,7 @@ async def test_early_413_reaches_a_client_that_keeps_sending(production_stack):
         assert json.loads(got["body"])["error"] == "Request Entity Too Large"  # the child's
         assert got["headers"]["Connection"] == "close"
         assert got["closed"]
-    assert AsyncHTTPClient().idle_count() == 0  # the refused connections were not pooled
+    assert bridge.upstream.get().idle_count() == 0  # the refused connections were not pooled
     await _after_refusal_all_is_well(port, bridge, records)
 
 
@@ -958,21 +962,43 @@ async def test_early_413_reaches_a_stalled_client_at_once(production_stack):
     await _after_refusal_all_is_well(port, bridge, records)
 
 
-@pytest.mark.parametrize("impl", [None, "tornado_gateway.http.client.UpstreamHTTPClient"],
-                         ids=["simple", "pool"])
-async def test_no_user_agent_is_invented_for_the_child(gw_port, config, impl):
+@pytest.mark.parametrize("proxy_client", [
+    "tornado.simple_httpclient.SimpleAsyncHTTPClient", None], ids=["simple", "default"])
+async def test_no_user_agent_is_invented_for_the_child(gw_port, config, proxy_client):
     """A request without User-Agent reaches the child without one (Tornado's clients would
     add 'Tornado/x.y'); one the client sent passes unchanged."""
-    from tornado.httpclient import AsyncHTTPClient
-    saved = AsyncHTTPClient._save_configuration()
-    configure_http_client(config, impl=impl or "tornado.simple_httpclient.SimpleAsyncHTTPClient")
-    try:
-        for extra, expected in ((b"", None), (b"User-Agent: curl/8.0\r\n", "curl/8.0")):
-            code, _, _, body = await raw_response(
-                gw_port, b"GET /api/deepfake/echo HTTP/1.1\r\nHost: t\r\n" + extra +
-                b"Connection: close\r\n\r\n")
-            assert code == 200
-            sent = {k.lower(): v for k, v in json.loads(body)["headers"]}
-            assert sent.get("user-agent") == expected, sent
-    finally:
-        AsyncHTTPClient._restore_configuration(saved)
+    for extra, expected in ((b"", None), (b"User-Agent: curl/8.0\r\n", "curl/8.0")):
+        code, _, _, body = await raw_response(
+            gw_port, b"GET /api/deepfake/echo HTTP/1.1\r\nHost: t\r\n" + extra +
+            b"Connection: close\r\n\r\n")
+        assert code == 200
+        sent = {k.lower(): v for k, v in json.loads(body)["headers"]}
+        assert sent.get("user-agent") == expected, sent
+
+
+@pytest.mark.parametrize("proxy_client", [None], ids=["default"])
+async def test_the_proxy_uses_its_own_client_and_leaves_the_applications_alone(gw_port, app):
+    """The proxy's client is its own instance (the gateway's default: the keep-alive pool);
+    the process-wide AsyncHTTPClient stays Tornado's, with redirects and decompression."""
+    from tornado_gateway.http.client import UpstreamHTTPClient
+
+    code, _, _, _ = await raw_response(
+        gw_port, b"GET /api/deepfake/echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    assert code == 200
+    [rule] = app.wildcard_router.rules  # proxy_routes' one route (tornado.routing.Rule)
+    own = rule.target_kwargs["upstream"].get()
+    assert isinstance(own, UpstreamHTTPClient) and own.idle_count() == 1  # it served the GET
+    assert AsyncHTTPClient.configured_class() is SimpleAsyncHTTPClient
+    assert not isinstance(AsyncHTTPClient(), UpstreamHTTPClient)
+
+
+def test_the_old_configure_functions_warn_and_change_nothing(config):
+    from tornado_gateway.proxy import configure_http_client
+    from tornado_gateway.server import configure_upstream_client
+
+    before = AsyncHTTPClient._save_configuration()
+    with pytest.warns(DeprecationWarning, match="no longer needed"):
+        configure_http_client(config, impl="tornado_gateway.http.client.UpstreamHTTPClient")
+    with pytest.warns(DeprecationWarning, match="no longer needed"):
+        configure_upstream_client(config)
+    assert AsyncHTTPClient._save_configuration() == before

@@ -24,7 +24,7 @@ from tornado.netutil import bind_sockets
 from tornado.tcpserver import TCPServer
 
 from tornado_gateway.config import GatewayConfig
-from tornado_gateway.proxy import DeepfakeProxyHandler, configure_http_client, proxy_routes
+from tornado_gateway.proxy import DeepfakeProxyHandler, proxy_routes
 from tornado_gateway.state import BridgeState
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -115,9 +115,10 @@ def bridge(echo_url) -> FakeBridge:
 
 @pytest.fixture
 def app(bridge, config):
-    # PROXY_TEST_CLIENT=tornado_gateway.http.client.UpstreamHTTPClient runs the suite on the pool
-    configure_http_client(config, impl=os.environ.get("PROXY_TEST_CLIENT") or None)
-    return tornado.web.Application(proxy_routes(bridge, config))
+    # the gateway's default client; PROXY_TEST_CLIENT=tornado.simple_httpclient.
+    # SimpleAsyncHTTPClient runs the suite on the alternative (GATEWAY_UPSTREAM=simple)
+    return tornado.web.Application(proxy_routes(
+        bridge, config, client=os.environ.get("PROXY_TEST_CLIENT") or None))
 
 
 @pytest.fixture

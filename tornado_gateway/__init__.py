@@ -2,8 +2,7 @@
 
 The pieces an embedding application needs::
 
-    from tornado_gateway import (PythonBridge, configure_upstream_client, gateway_routes,
-                                 load_config)
+    from tornado_gateway import PythonBridge, gateway_routes, load_config
 
 Names are imported on first use, so ``python -m tornado_gateway`` parses its command line
 (and answers ``--help``) before Tornado is loaded, and a Ctrl+C during that import is an
@@ -26,6 +25,7 @@ _WHERE: Dict[str, str] = {
     "configure_http_client": ".proxy",
     "configure_upstream_client": ".server",
     "gateway_routes": ".app",
+    "UpstreamClient": ".proxy",
     "WorkerGroup": ".group",
     "load_config": ".config",
     "make_app": ".app",

@@ -109,13 +109,14 @@ class NotFoundHandler(JSONErrorMixin, tornado.web.RequestHandler):
         write_error_response(self, not_found(self.request.path))
 
 
-def gateway_routes(bridge: Any, config: GatewayConfig,
-                   access: Optional[Access] = None) -> List[Any]:
+def gateway_routes(bridge: Any, config: GatewayConfig, access: Optional[Access] = None,
+                   client: Any = None) -> List[Any]:
     """The gateway's own routes and the proxy, for embedding in another Application.
-    ``access`` is who may use the API (``auth.py``); by default what ``config`` says."""
+    ``access`` is who may use the API (``auth.py``), by default what ``config`` says;
+    ``client`` the proxy's HTTP client (``proxy_routes``)."""
     if access is None:
         access = access_for(config)
-    return proxy_routes(bridge, config, access) + [
+    return proxy_routes(bridge, config, access, client) + [
         (r"/api/gateway/status", StatusHandler,
          dict(bridge=bridge, config=config, started=time.monotonic(), access=access)),
     ]
@@ -134,7 +135,8 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 def make_app(bridge: Any, config: Optional[GatewayConfig] = None,
-             access: Optional[Access] = None, **settings: Any) -> tornado.web.Application:
+             access: Optional[Access] = None, client: Any = None,
+             **settings: Any) -> tornado.web.Application:
     """The gateway's Application: ``/api/deepfake/*`` proxied to the bridge's child,
     ``/api/gateway/status``, the web page at ``/`` and ``/static/``, JSON 404 elsewhere.
     ``access`` is who may use the API (by default what ``config`` says; the decision is the
@@ -145,7 +147,7 @@ def make_app(bridge: Any, config: Optional[GatewayConfig] = None,
         access = access_for(config)
     settings.setdefault("gateway_access", access)
     settings.setdefault("log_function", _log_request)
-    routes = gateway_routes(bridge, config, access) + [
+    routes = gateway_routes(bridge, config, access, client) + [
         (r"/", IndexHandler),
         (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
     ]

@@ -4,10 +4,10 @@ Mount it with one line::
 
     app = tornado.web.Application(proxy_routes(bridge, config) + other_routes)
 
-and call ``configure_upstream_client(config)`` (``tornado_gateway.server``) once at startup,
-before the first request: it selects the keep-alive pool (``http/client.py``) and sizes it
-so that large downloads are not cut at Tornado's default 100 MiB client limit.
-:func:`configure_http_client` does the sizing for whichever client is already configured.
+The proxy brings its own HTTP client (:class:`UpstreamClient`: the keep-alive pool of
+``http/client.py`` unless ``GATEWAY_UPSTREAM=simple``), sized so that large downloads are not
+cut at Tornado's default 100 MiB client limit; it never touches the process-wide
+``AsyncHTTPClient`` configuration, so the application's own HTTP calls keep Tornado's client.
 
 What the handler promises (the "Proxy contract" in ARCHITECTURE.md):
 
@@ -56,7 +56,8 @@ import logging
 import re
 import time
 import urllib.parse
-from typing import Any, Awaitable, Callable, Iterable, List, Optional, Tuple
+import warnings
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
 import tornado.web
 from tornado import httputil
@@ -66,6 +67,7 @@ from tornado.iostream import StreamClosedError
 from tornado.log import access_log
 from tornado.queues import Queue
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
+from tornado.util import import_object
 
 from . import errors
 from .config import GatewayConfig
@@ -246,34 +248,91 @@ _DIGITS = re.compile(r"^[0-9]+$")
 _UNSENDABLE = re.compile(r"[\x00-\x1f]")
 
 
-def configure_http_client(config: GatewayConfig, impl: Any = None, **kwargs: Any) -> None:
-    """Configure the shared ``AsyncHTTPClient`` for proxying; call once, before the first request.
+#: The proxy's HTTP client to the workers, by ``GATEWAY_UPSTREAM`` (``config.upstream``).
+UPSTREAM_CLIENTS = {
+    # upstream keep-alive: no new TCP connection (and TIME_WAIT socket) per proxied request
+    "keepalive": "tornado_gateway.http.client.UpstreamHTTPClient",
+    "simple": "tornado.simple_httpclient.SimpleAsyncHTTPClient",
+}
+# below waitress's default channel_timeout (120 s) and werkzeug's, so the gateway closes an
+# idle upstream connection before the child does
+UPSTREAM_IDLE_TIMEOUT_S = 4.0
 
-    Keeps the currently configured implementation (e.g. the keep-alive pool selected with
-    ``AsyncHTTPClient.configure``) and its settings unless ``impl`` is given, and raises
-    ``max_body_size`` (which also caps streamed downloads) and ``max_clients``. Instances
-    already created for a running IOLoop keep their old settings (Tornado caches one per loop).
+
+class UpstreamClient:
+    """The proxy's own HTTP client: an instance of the chosen ``AsyncHTTPClient`` class per
+    IOLoop, made with ``force_instance=True``.
+
+    Never ``AsyncHTTPClient.configure``: that is process-wide, and an embedding application's
+    own ``AsyncHTTPClient()`` calls keep Tornado's client with its defaults (redirects,
+    decompression, auth) whatever the proxy uses. ``impl`` is a class or its dotted name;
+    by default the one ``config.upstream`` names (:data:`UPSTREAM_CLIENTS`), sized for
+    streaming: ``max_body_size`` beyond any download (it also caps streamed ones),
+    ``max_clients`` :data:`DEFAULT_MAX_CLIENTS`. ``kwargs`` override those.
     """
-    current_impl, current_kwargs = AsyncHTTPClient._save_configuration()
-    if impl is None:
-        impl = current_impl
-    merged = dict(current_kwargs or {})
-    merged["max_body_size"] = max(int(merged.get("max_body_size") or 0), DOWNLOAD_LIMIT,
-                                  config.max_body)
-    merged["max_clients"] = max(int(merged.get("max_clients") or 0), DEFAULT_MAX_CLIENTS)
-    merged.update(kwargs)
-    AsyncHTTPClient.configure(impl, **merged)
+
+    def __init__(self, config: GatewayConfig, impl: Any = None, **kwargs: Any) -> None:
+        name = impl if impl is not None else UPSTREAM_CLIENTS[config.upstream]
+        self.impl = import_object(name) if isinstance(name, str) else name
+        settings: Dict[str, Any] = {"max_body_size": max(DOWNLOAD_LIMIT, config.max_body),
+                                    "max_clients": DEFAULT_MAX_CLIENTS}
+        if impl is None and config.upstream == "keepalive":
+            settings["idle_timeout"] = UPSTREAM_IDLE_TIMEOUT_S
+        settings.update(kwargs)
+        self.settings = settings
+        self._by_loop: Dict[IOLoop, AsyncHTTPClient] = {}
+
+    def get(self) -> AsyncHTTPClient:
+        """This IOLoop's instance (made on first use; an AsyncHTTPClient is bound to its
+        loop). Instances of loops that have been closed are dropped."""
+        loop = IOLoop.current()
+        client = self._by_loop.get(loop)
+        if client is None:
+            for old in [old for old in self._by_loop if old.asyncio_loop.is_closed()]:
+                del self._by_loop[old]
+            client = self.impl(force_instance=True, **self.settings)
+            self._by_loop[loop] = client
+        return client
+
+    def close(self) -> None:
+        """Close this IOLoop's instance (its pooled connections); call on shutdown."""
+        client = self._by_loop.pop(IOLoop.current(), None)
+        if client is not None:
+            client.close()
 
 
-def proxy_routes(bridge: Any, config: GatewayConfig,
-                 access: Optional[Access] = None) -> List[Any]:
+_DEFAULT_UPSTREAMS: Dict[GatewayConfig, UpstreamClient] = {}
+
+
+def _default_upstream(config: GatewayConfig) -> UpstreamClient:
+    """One client per configuration, for routes built by hand without :func:`proxy_routes`."""
+    client = _DEFAULT_UPSTREAMS.get(config)
+    if client is None:
+        client = _DEFAULT_UPSTREAMS[config] = UpstreamClient(config)
+    return client
+
+
+def configure_http_client(config: GatewayConfig, impl: Any = None, **kwargs: Any) -> None:
+    """Deprecated, and does nothing: the proxy has its own client (:class:`UpstreamClient`),
+    chosen by ``config.upstream`` or the ``client`` argument of :func:`proxy_routes`."""
+    warnings.warn("configure_http_client() is no longer needed and does nothing: the proxy "
+                  "has its own HTTP client (proxy_routes(..., client=...) chooses another)",
+                  DeprecationWarning, stacklevel=2)
+
+
+def proxy_routes(bridge: Any, config: GatewayConfig, access: Optional[Access] = None,
+                 client: Any = None) -> List[Any]:
     """The route(s) serving ``/api/deepfake`` and everything below it, to add to an
     Application: ``Application(proxy_routes(bridge, config) + ...)``. ``access`` is who may
-    use it (``auth.py``); by default what ``config`` says (``auth.access_for``)."""
+    use it (``auth.py``); by default what ``config`` says (``auth.access_for``). ``client``
+    is the proxy's :class:`UpstreamClient`, or the ``AsyncHTTPClient`` class (or dotted name)
+    to make one of; by default the one ``config.upstream`` names."""
     if access is None:
         access = access_for(config)
+    if not isinstance(client, UpstreamClient):
+        client = UpstreamClient(config, client)
     return [(r"%s(?:/.*)?" % re.escape(PREFIX), DeepfakeProxyHandler,
-             dict(bridge=bridge, config=config, access=access))]
+             dict(bridge=bridge, config=config, access=access, upstream=client))]
 
 
 # --- internals -------------------------------------------------------------------------------
@@ -402,10 +461,11 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
     SUPPORTED_METHODS = _AnyMethod(STANDARD_METHODS)  # type: ignore[assignment]
 
     def initialize(self, bridge: Any, config: GatewayConfig,  # type: ignore[override]
-                   access: Access = OPEN) -> None:
+                   access: Access = OPEN, upstream: Optional[UpstreamClient] = None) -> None:
         self.bridge = bridge
         self.config = config
         self.access = access
+        self.upstream = upstream if upstream is not None else _default_upstream(config)
         self._t0 = time.monotonic()
         # Only a request with a body gets a queue and a separate exchange task (see prepare()).
         self._queue: Optional[Queue] = None
@@ -715,7 +775,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         upstream connection at once. Other clients (the keep-alive pool) get None: they
         cancel on ``future.cancel()``, and may retry a bodiless request on a stale connection,
         which they must not do for a body producer."""
-        if not isinstance(client if client is not None else AsyncHTTPClient(),
+        if not isinstance(client if client is not None else self.upstream.get(),
                           SimpleAsyncHTTPClient):
             return None
 
@@ -806,7 +866,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         elif not self._has_body and method in _SELF_CHUNKING_METHODS \
                 and "Content-Length" not in headers:
             headers["Content-Length"] = "0"  # else Tornado would announce a chunked body
-        client = AsyncHTTPClient()  # one look-up of the per-loop instance, not two
+        client = self.upstream.get()  # one look-up of the per-loop instance, not two
         upstream = _UpstreamRequest(
             (self._upstream_base or self.bridge.flask_url) + request.uri,
             method=method,

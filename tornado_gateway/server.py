@@ -13,9 +13,9 @@ import signal
 import socket
 import sys
 import threading
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
-from tornado.httpclient import AsyncHTTPClient
 from tornado.netutil import bind_sockets
 
 from .app import make_app
@@ -23,7 +23,7 @@ from .auth import Access, TokenFileError, access_for, is_loopback
 from .group import WorkerGroup
 from .config import GatewayConfig, PRODUCTION
 from .http.server import GatewayHTTPServer
-from .proxy import configure_http_client
+from .proxy import UPSTREAM_CLIENTS, UpstreamClient  # noqa: F401 (UPSTREAM_CLIENTS: re-export)
 
 log = logging.getLogger("tornado_gateway")
 # where the gateway listens, and that it stopped: shown in every mode (as uvicorn and Flask do)
@@ -105,33 +105,13 @@ class SignalCatcher:
         self._loop_previous.clear()
 
 
-UPSTREAM_CLIENTS = {
-    # upstream keep-alive: no new TCP connection (and TIME_WAIT socket) per proxied request
-    "keepalive": "tornado_gateway.http.client.UpstreamHTTPClient",
-    "simple": "tornado.simple_httpclient.SimpleAsyncHTTPClient",
-}
-# below waitress's default channel_timeout (120 s) and werkzeug's, so the gateway closes an
-# idle upstream connection before the child does
-UPSTREAM_IDLE_TIMEOUT_S = 4.0
-
-
 def configure_upstream_client(config: GatewayConfig) -> None:
-    """Select the proxy's HTTP client from ``config.upstream`` (the keep-alive pool unless
-    ``GATEWAY_UPSTREAM=simple``) and size it for streaming; call once, before the first
-    request. This is what ``python -m tornado_gateway`` does, and what an embedding
-    application should do too.
-
-    ``AsyncHTTPClient.configure`` is process-wide: the application's own ``AsyncHTTPClient()``
-    fetches use the pool as well, and it is made for proxying: it streams like Tornado's
-    default client but follows no redirects, decompresses nothing, refuses ``auth_username``
-    and adds no User-Agent (``tornado_gateway.http.client``). An application that needs those
-    builds its own ``SimpleAsyncHTTPClient(force_instance=True)``; to keep a client of your own
-    choosing for the proxy, call :func:`~tornado_gateway.proxy.configure_http_client` instead.
-    """
-    impl = UPSTREAM_CLIENTS[config.upstream]
-    AsyncHTTPClient.configure(None)  # drop settings meant for another implementation
-    extra = {"idle_timeout": UPSTREAM_IDLE_TIMEOUT_S} if config.upstream == "keepalive" else {}
-    configure_http_client(config, impl=impl, **extra)
+    """Deprecated, and does nothing: the proxy has its own HTTP client, chosen by
+    ``config.upstream`` (:class:`~tornado_gateway.proxy.UpstreamClient`); the process-wide
+    ``AsyncHTTPClient`` configuration is left alone."""
+    warnings.warn("configure_upstream_client() is no longer needed and does nothing: the "
+                  "proxy has its own HTTP client (GATEWAY_UPSTREAM chooses it)",
+                  DeprecationWarning, stacklevel=2)
 
 
 def log_level_for(mode: str) -> int:
@@ -173,13 +153,13 @@ async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
     loop = asyncio.get_running_loop()
     bridge = bridge or WorkerGroup.from_config(config)
     stop_event = stop_event or asyncio.Event()
-    configure_upstream_client(config)
     try:
         access = access_for(config)
     except TokenFileError as exc:
         log.error("%s Fix the file, or set GATEWAY_TOKEN instead.", exc)
         return 2
-    app = make_app(bridge, config, access)
+    upstream = UpstreamClient(config)  # the proxy's own; AsyncHTTPClient's defaults untouched
+    app = make_app(bridge, config, access, client=upstream)
     try:
         sockets = bind_sockets(config.port, config.host)
     except OSError as exc:
@@ -237,6 +217,7 @@ async def serve(config: GatewayConfig, *, bridge: Optional[Any] = None,
             await bridge.stop()
         catcher.restore()
         bridge.cleanup()
+        upstream.close()
     announce.info("Gateway stopped.")
     return 0
 

@@ -69,14 +69,12 @@ async def _serve(args: Any) -> None:
     from tornado.httpserver import HTTPServer
     from tornado.netutil import bind_sockets
 
-    from tornado_gateway.proxy import configure_http_client, proxy_routes
+    from tornado_gateway.proxy import proxy_routes
 
     config = GatewayConfig(max_body=args.max_body, proxy_timeout=600000)
-    if args.pool:
-        configure_http_client(config, impl="tornado_gateway.http.client.UpstreamHTTPClient")
-    else:
-        configure_http_client(config)
-    app = tornado.web.Application(proxy_routes(FakeBridge(args.upstream), config))
+    client = "tornado.simple_httpclient.SimpleAsyncHTTPClient" if args.simple else None
+    app = tornado.web.Application(proxy_routes(FakeBridge(args.upstream), config,
+                                               client=client))
     sockets = bind_sockets(args.port, "127.0.0.1")
     server = HTTPServer(app)
     server.add_sockets(sockets)
@@ -89,7 +87,8 @@ def main() -> int:
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max-body", type=int, default=4 << 30)
-    parser.add_argument("--pool", action="store_true")
+    parser.add_argument("--simple", action="store_true",
+                        help="Tornado's SimpleAsyncHTTPClient (GATEWAY_UPSTREAM=simple)")
     args = parser.parse_args()
     try:
         asyncio.run(_serve(args))
