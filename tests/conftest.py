@@ -203,3 +203,41 @@ def postgres_url(postgres_server):
     yield "%s/%s" % (base, name)
     with psycopg.connect(postgres_server, autocommit=True) as conn:
         conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
+
+
+# === The HTTP server pytest-tornasync's fixtures serve `app` with: the gateway's own (what
+# `python -m tornado_gateway` runs), so the tests guard what users run; TEST_HTTP_SERVER=tornado
+# serves it with Tornado's HTTPServer instead (what `app.listen()` in an embedding app runs).
+@_gw_pytest.fixture
+def http_server(request, io_loop, http_server_port):
+    import tornado.httpserver
+
+    from tornado_gateway.http.server import GatewayHTTPServer
+
+    app = request.getfixturevalue(request.config.option.app_fixture)
+    if _gw_os.environ.get("TEST_HTTP_SERVER") == "tornado":
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_socket(http_server_port[0])
+    else:
+        server = GatewayHTTPServer(app)
+        io_loop.run_sync(lambda: server.start([http_server_port[0]]))
+    server.test_port = http_server_port[1]
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=10)
+
+
+@_gw_pytest.fixture
+def http_server_client(http_server):
+    """A client of `http_server` whose fetch() takes a path (pytest-tornasync's, for any
+    server: it finds the port without reading the server's private attributes)."""
+    import tornado.simple_httpclient
+
+    class Client(tornado.simple_httpclient.SimpleAsyncHTTPClient):
+        def fetch(self, path, **kwargs):
+            return super().fetch("http://127.0.0.1:%d%s" % (http_server.test_port, path),
+                                 **kwargs)
+
+    client = Client(force_instance=True)
+    yield client
+    client.close()

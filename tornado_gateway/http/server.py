@@ -70,6 +70,7 @@ against this class, each test that fails listed with its reason):
 from __future__ import annotations
 
 import asyncio
+import re
 import collections
 import socket
 import time
@@ -149,6 +150,16 @@ class _Refused(Exception):
         super().__init__(error.message)
         self.error = error
         self.detail = detail or error.message  # for the log
+
+
+# a request line (after empty lines) whose method is a token (RFC 9110 5.6.2): anything else
+# llhttp refuses is a malformed request (400)
+_REQUEST_LINE_START = re.compile(
+    rb"(?:\r?\n)*([!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}) [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r\n")
+
+
+class _NoCallbacks:
+    """Parser callbacks of a probe parser: none."""
 
 
 def _malformed(detail: str) -> _Refused:
@@ -534,6 +545,11 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             elif self._last_closes and self._parsing is None and not self._in_head:
                 return  # bytes after a request that ends the connection: not read (llhttp)
+            elif isinstance(exc, httptools.HttpParserInvalidMethodError) and \
+                    self._unknown_method() is not None:
+                method = self._unknown_method()
+                refused = _Refused(errors.method_not_supported(method),
+                                   "Request method %r is not one llhttp knows" % method)
             elif isinstance(exc, (httptools.HttpParserInvalidMethodError,
                                   httptools.HttpParserInvalidURLError)):
                 refused = _malformed("Malformed HTTP request line: %s" % exc)
@@ -551,6 +567,30 @@ class _Connection(asyncio.BufferedProtocol):
         self._refusal = error  # once the requests parsed before it are answered
         if self.exchange is None and not self._queue:
             self._refuse(error)
+
+    def _unknown_method(self) -> Optional[str]:
+        """The method token of the request line llhttp refused as an unknown method, when it
+        is a well-formed token (then RFC 9110 9.1 says 501, not 400); else None. The request
+        starts this read or follows a head that ended in it; a token is taken only if llhttp
+        refuses it alone too."""
+        data = bytes(self.server.receive_buffer[:self._read_size])
+        starts = [0]
+        at = data.find(b"\r\n\r\n")
+        while at >= 0:
+            starts.append(at + 4)
+            at = data.find(b"\r\n\r\n", at + 4)
+        for start in starts:
+            match = _REQUEST_LINE_START.match(data, start)
+            if match is None:
+                continue
+            probe = httptools.HttpRequestParser(_NoCallbacks())
+            try:
+                probe.feed_data(match.group(1) + b" / HTTP/1.1\r\n\r\n")
+            except httptools.HttpParserInvalidMethodError:
+                return match.group(1).decode("ascii")
+            except httptools.HttpParserError:
+                continue
+        return None
 
     def _stop_parsing(self) -> None:
         self._stopped = True
