@@ -4,8 +4,13 @@ What it checks, as a person would: the status badge says the service is ready; a
 with the file input uploads with a progress bar and shows a verdict, probability, warnings,
 elapsed time and the spectrum chart; "This is fake" asks for confirmation and the training
 count goes up; Retrain shows the service's 409 message; drag and drop works; the page fits a
-375 px phone screen and the file picker is reachable with the keyboard; and after the child is
-SIGKILLed the badge and the page say "Service unavailable" with how to fix it.
+375 px phone screen and the file picker is reachable with the keyboard; the resampling signal
+(an image enlarged 1.5x) is shown found, with its score against its threshold, beside the
+spectral one; against a gateway that requires a token (``GATEWAY_AUTH=token``), the page takes
+it from ``/?token=...`` (and cleans the address bar) or asks for it with a form, keeps it for
+the tab's session and sends it with every API call, never elsewhere; an open gateway asks for
+nothing; and after the child is SIGKILLed the badge and the page say "Service unavailable"
+with how to fix it.
 
 The browser is Debian's ``/usr/bin/chromium`` (``apt-get install chromium``), driven by the
 Python ``playwright`` package; nothing is downloaded. Where it is missing the tests say so
@@ -19,11 +24,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
@@ -90,9 +97,12 @@ def _browser_conftest() -> Any:
 from ports import free_port as _free_port  # noqa: E402  (never the same port twice)
 
 
-def _get_json(url: str, timeout: float = 5.0) -> Dict[str, Any]:
+def _get_json(url: str, timeout: float = 5.0, token: Optional[str] = None) -> Dict[str, Any]:
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", "Bearer " + token)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return json.loads(resp.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:  # error bodies are JSON too
         return json.loads(exc.read().decode("utf-8"))
@@ -145,18 +155,20 @@ def _make_images(folder: Path) -> Dict[str, Path]:
 # ------------------------------------------------------------------------------ fixtures
 
 class Gateway:
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path) -> None:
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path,
+                 token: Optional[str] = None) -> None:
         self.proc = proc
         self.port = port
         self.log_path = log_path
         self.base = "http://127.0.0.1:%d" % port
         self.child_pids: List[int] = []
+        self.token = token  # the API token it requires (None: open)
 
     def status(self) -> Dict[str, Any]:
-        return _get_json(self.base + "/api/gateway/status")
+        return _get_json(self.base + "/api/gateway/status", token=self.token)
 
     def stats(self) -> Dict[str, Any]:
-        return _get_json(self.base + "/api/deepfake/stats")
+        return _get_json(self.base + "/api/deepfake/stats", token=self.token)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -197,8 +209,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
     return _make_images(tmp_path_factory.mktemp("browser-images"))
 
 
-@pytest.fixture(scope="module")
-def gateway(browser_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def _run_gateway(tmp_path_factory: pytest.TempPathFactory, log_name: str,
+                 token: Optional[str] = None) -> Iterator[Gateway]:
+    """A real gateway + child on free loopback ports; with ``token``, one that requires it
+    (``GATEWAY_AUTH=token``, ``GATEWAY_TOKEN``); without, open (the loopback default)."""
     OUT.mkdir(parents=True, exist_ok=True)
     data_dir = tmp_path_factory.mktemp("deepfake-data")
     port = _free_port()
@@ -206,21 +220,35 @@ def gateway(browser_available: None, tmp_path_factory: pytest.TempPathFactory) -
     while flask_port == port:
         flask_port = _free_port()
     env = dict(os.environ, DEEPFAKE_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
-    for var in ("GATEWAY_PORT", "FLASK_PORT", "FLASK_URL", "FLASK_AUTO_RESTART"):
+    for var in ("GATEWAY_PORT", "FLASK_PORT", "FLASK_URL", "FLASK_AUTO_RESTART",
+                "GATEWAY_AUTH", "GATEWAY_TOKEN", "GATEWAY_TOKEN_FILE"):
         env.pop(var, None)  # the command line below decides; no restart, so the kill shows
-    log_path = OUT / "gateway.log"
+    if token is not None:
+        env.update(GATEWAY_AUTH="token", GATEWAY_TOKEN=token)
+    log_path = OUT / log_name
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tornado_gateway", "--port", str(port), "--flask-port", str(flask_port)],
         cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True)  # its own group: a Ctrl+C in this terminal is not sent twice
-    gw = Gateway(proc, port, log_path)
+    gw = Gateway(proc, port, log_path, token)
     try:
         gw.wait_ready()
         yield gw
     finally:
         _stop_gateway(gw)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(browser_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    yield from _run_gateway(tmp_path_factory, "gateway.log")
+
+
+@pytest.fixture(scope="module")
+def token_gateway(browser_available: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway that requires a token, as one listening beyond loopback does."""
+    yield from _run_gateway(tmp_path_factory, "gateway-token.log", token=secrets.token_urlsafe(24))
 
 
 def _stop_gateway(gw: Gateway) -> None:
@@ -564,6 +592,261 @@ def test_page_survives_odd_responses(gateway: Gateway, browser: Any, images: Dic
     assert page.is_hidden("#unavailable")
     errs.check()
     page.close()
+
+
+@pytest.mark.timeout(240)
+def test_resampling_signal_shown_beside_the_spectral_one(gateway: Gateway, browser: Any,
+                                                          images: Dict[str, Path]) -> None:
+    """A camera crop enlarged 1.5x (built here with Pillow: a factor the spectral model cannot
+    see) shows the resampling signal "Found", its score against its threshold and why, under
+    Signal next to the spectral signal; the crop itself shows "Not found", and an image too
+    small to examine "Inconclusive" with the service's reason."""
+    from PIL import Image
+
+    crop = Image.open(images["real0"]).convert("RGB")  # 256 x 256, never resized
+    enlarged = images["real0"].with_name("enlarged_1_5x.png")
+    crop.resize((crop.width * 3 // 2, crop.height * 3 // 2), Image.BICUBIC).save(enlarged)
+    tiny = images["real0"].with_name("tiny_100.png")
+    crop.crop((0, 0, 100, 100)).save(tiny)
+
+    page, errs = _open(browser, gateway, DESKTOP)
+    page.wait_for_selector("#status-badge[data-state=ready]")
+    page.set_input_files("#file-input", str(enlarged))
+    first = _wait_result(page)
+    _check_result(page)
+    signal_block = page.inner_text("#signal-block")
+    assert "Spectral signal" in signal_block and "Resampling signal" in signal_block
+    assert page.get_attribute("#resampling", "data-status") == "traces_found"
+    assert page.inner_text("#resampling-status") == "Found"
+    summary = page.inner_text("#resampling-summary")
+    assert "traces found" in summary and "threshold of" in summary, summary
+    assert "not generated" in summary  # resized is not "generated by AI"
+    assert page.is_visible("#resampling-meter")
+    now = float(page.get_attribute("#resampling-meter", "aria-valuenow"))
+    top = float(page.get_attribute("#resampling-meter", "aria-valuemax"))
+    assert now >= top / 2, (now, top)  # at or above the threshold, drawn in the middle
+    assert "threshold" in page.get_attribute("#resampling-meter", "aria-valuetext")
+    assert "threshold" in page.inner_text("[data-field=resampling-score]")
+    assert page.inner_text("#verdict-title") != "Declared AI-generated"
+    page.locator("#signal-block").scroll_into_view_if_needed()
+    _shot(page, "13-desktop-resampling-found")
+
+    page.set_input_files("#file-input", str(images["real0"]))
+    second = _wait_result(page, previous_id=first)
+    assert page.get_attribute("#resampling", "data-status") == "no_traces_found"
+    assert page.inner_text("#resampling-status") == "Not found"
+    assert "below the threshold" in page.inner_text("#resampling-summary")
+
+    page.set_input_files("#file-input", str(tiny))
+    _wait_result(page, previous_id=second)
+    assert page.get_attribute("#resampling", "data-status") == "inconclusive"
+    assert page.inner_text("#resampling-status") == "Inconclusive"
+    assert "too small" in page.inner_text("#resampling-summary")
+    assert page.is_hidden("#resampling-meter")  # no score: nothing to draw
+    errs.check()
+    page.close()
+
+
+# ------------------------------------------------------------------------------ the API token
+
+class Watch:
+    """What a page sent to the API, and what it wrote to the console."""
+
+    def __init__(self, page: Any) -> None:
+        self.requests: List[Any] = []
+        self.console: List[str] = []
+        self.errors = PageErrors()
+        page.on("request", lambda req: self.requests.append(req))
+        page.on("console", lambda msg: self.console.append(msg.text))
+        page.on("pageerror", lambda exc: self.errors.errors.append(str(exc)))
+
+    def api_calls(self) -> List[Tuple[str, str, Optional[str]]]:
+        """(method, path, Authorization) of every /api/ request, as the browser sent it."""
+        calls = []
+        for req in self.requests:
+            path = urllib.parse.urlsplit(req.url).path
+            if path.startswith("/api/"):
+                calls.append((req.method, path, req.all_headers().get("authorization")))
+        return calls
+
+
+def _token_page(context: Any, gw: Gateway, url_suffix: str = "/?poll=500") -> Tuple[Any, Watch]:
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    watch = Watch(page)
+    page.goto(gw.base + url_suffix)
+    return page, watch
+
+
+def _full_status(page: Any) -> None:
+    """The badge carries what only the full status says (the service's uptime): the status
+    poll carried the token."""
+    page.wait_for_selector("#status-badge[data-state=ready][title^='Running for']")
+
+
+def _never_leaks(gw: Gateway, watch: Watch, page: Any) -> None:
+    token = gw.token
+    assert token
+    assert token not in page.url
+    assert not [m for m in watch.console if token in m], "the token was written to the console"
+    for req in watch.requests:
+        assert req.url.startswith(gw.base + "/") or req.url.startswith(("data:", "blob:")), \
+            "a request left the gateway: " + req.url
+        if req.resource_type != "document":  # only the navigation that brought it may carry it
+            assert token not in req.url, req.url
+
+
+@pytest.mark.timeout(240)
+def test_token_from_the_url(token_gateway: Gateway, browser: Any, images: Dict[str, Path]) -> None:
+    """Opened with /?token=...: the token leaves the address bar, stays in the tab's
+    sessionStorage, and every /api/ call (status, stats, analyze, feedback, retrain) carries
+    Authorization: Bearer <token>; no form is shown."""
+    gw = token_gateway
+    assert gw.token
+    reduced = _get_json(gw.base + "/api/gateway/status")  # no token: the reduced status
+    assert (reduced.get("auth") or {}).get("required") is True, reduced
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page, watch = _token_page(context, gw, "/?poll=500&token=" + urllib.parse.quote(gw.token))
+        page.wait_for_function("() => !location.search.includes('token')")
+        assert page.url == gw.base + "/?poll=500"  # the other parameters kept
+        assert page.evaluate("() => Object.values(sessionStorage)") == [gw.token]
+        _full_status(page)
+        assert page.is_hidden("#token-panel")
+        page.wait_for_function("() => document.getElementById('count-total').textContent !== '—'")
+        assert page.is_hidden("#stats-error")
+
+        page.set_input_files("#file-input", str(images["jpeg"]))
+        _wait_result(page)
+        _check_result(page)
+        page.click("#fb-real")
+        page.click("#fb-yes")
+        page.wait_for_selector("[data-testid=feedback-ok]")
+        page.click("#retrain")
+        outcome = page.wait_for_selector("[data-testid=retrain-error], [data-testid=retrain-outcome]",
+                                         timeout=120_000)
+        assert "token" not in outcome.inner_text().lower(), outcome.inner_text()
+        assert page.is_hidden("#token-panel")
+        _shot(page, "14-desktop-token-from-url")
+
+        calls = watch.api_calls()
+        paths = {path for _, path, _ in calls}
+        assert {"/api/gateway/status", "/api/deepfake/stats", "/api/deepfake/analyze",
+                "/api/deepfake/feedback", "/api/deepfake/retrain"} <= paths, paths
+        without = [(m, p) for m, p, auth in calls if auth != "Bearer " + gw.token]
+        assert without == [], "API calls without the token: %r" % without
+        _never_leaks(gw, watch, page)
+        watch.errors.check()
+    finally:
+        context.close()
+
+
+@pytest.mark.timeout(300)
+def test_token_form(token_gateway: Gateway, browser: Any, images: Dict[str, Path]) -> None:
+    """Opened without the token: an accessible form asks for it; a wrong one is refused with a
+    message; the right one is kept for the tab (a reload does not ask again, a new browser
+    context does); a 401 later (the token changed where the gateway runs) asks again, and the
+    analysis that got it is sent again with the new token."""
+    gw = token_gateway
+    assert gw.token
+    context = browser.new_context(viewport=PHONE)
+    try:
+        page, watch = _token_page(context, gw)
+        page.wait_for_selector("#token-panel:not([hidden])")
+        assert page.evaluate("document.activeElement.id") == "token-input"  # asked, focused
+        assert page.get_attribute("#token-input", "type") == "password"
+        label = page.evaluate("() => [...document.getElementById('token-input').labels]"
+                              ".map(l => l.textContent.trim())")
+        assert label == ["Access token"], label
+        assert page.locator("#token-form button[type=submit]").count() == 1
+        assert page.is_hidden("#token-error")
+        page.wait_for_selector("#status-badge[data-state=ready]")  # the reduced status says so
+        assert page.inner_text("#count-total") == "—"  # nothing asked of the API without it
+        _shot(page, "15-phone-token-form", full_page=False)
+
+        page.fill("#token-input", "not-the-token")
+        page.press("#token-input", "Enter")
+        page.wait_for_selector("#token-error:not([hidden])")
+        assert "did not accept" in page.inner_text("#token-error")
+        assert page.evaluate("document.activeElement.id") == "token-input"
+        assert page.is_visible("#token-panel")
+        assert page.evaluate("() => sessionStorage.length") == 0
+        _shot(page, "16-phone-token-refused", full_page=False)
+
+        page.fill("#token-input", gw.token)
+        page.click("#token-submit")
+        page.wait_for_selector("#token-panel", state="hidden")
+        _full_status(page)
+        page.wait_for_function("() => document.getElementById('count-total').textContent !== '—'")
+        page.set_input_files("#file-input", str(images["jpeg"]))
+        first = _wait_result(page)
+        _check_result(page)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= PHONE["width"], "the page scrolls sideways at 375 px (%d px wide)" % width
+
+        page.reload()  # the tab's session keeps it
+        _full_status(page)
+        page.wait_for_function("() => document.getElementById('count-total').textContent !== '—'")
+        assert page.is_hidden("#token-panel")
+
+        # the token changed where the gateway runs: the next analysis gets a 401
+        def stale(route: Any) -> None:
+            headers = dict(route.request.all_headers())
+            headers["authorization"] = "Bearer an-old-token"
+            route.continue_(headers=headers)
+
+        page.route("**/api/deepfake/analyze", stale)
+        page.set_input_files("#file-input", str(images["real1"]))
+        page.wait_for_selector("#token-panel:not([hidden])")
+        assert "does not accept the token this tab had" in page.inner_text("#token-why")
+        assert "Waiting for the access token" in page.inner_text("#result-empty")
+        page.unroute("**/api/deepfake/analyze", stale)
+        page.fill("#token-input", gw.token)
+        page.click("#token-submit")
+        page.wait_for_selector("#token-panel", state="hidden")
+        _wait_result(page, previous_id=first)  # the same image, sent again with the token
+        assert images["real1"].name in page.inner_text("#preview-caption")
+        _never_leaks(gw, watch, page)
+        watch.errors.check()
+
+        # a new browser context is a new session: asked again
+        other = browser.new_context(viewport=DESKTOP)
+        try:
+            fresh, fresh_watch = _token_page(other, gw)
+            fresh.wait_for_selector("#token-panel:not([hidden])")
+            assert fresh.evaluate("() => sessionStorage.length") == 0
+            # a stale token kept by the tab: the status poll's reduced answer asks again
+            fresh.evaluate("() => sessionStorage.setItem('tornado_gateway.api_token', 'stale')")
+            fresh.reload()
+            fresh.wait_for_function("() => !document.getElementById('token-panel').hidden && "
+                                    "document.getElementById('token-why').textContent"
+                                    ".includes('does not accept the token this tab had')")
+            assert fresh.evaluate("() => sessionStorage.length") == 0  # the stale one dropped
+            fresh_watch.errors.check()
+        finally:
+            other.close()
+    finally:
+        context.close()
+
+
+@pytest.mark.timeout(120)
+def test_open_gateway_asks_for_nothing(gateway: Gateway, browser: Any) -> None:
+    """The loopback default is open: no form, no token stored, none sent."""
+    context = browser.new_context(viewport=DESKTOP)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        watch = Watch(page)
+        page.goto(gateway.base + "/?poll=300")
+        page.wait_for_selector("#status-badge[data-state=ready][title^='Running for']")
+        page.wait_for_function("() => document.getElementById('count-total').textContent !== '—'")
+        page.wait_for_timeout(1000)  # a few more polls
+        assert page.is_hidden("#token-panel")
+        assert page.evaluate("() => sessionStorage.length") == 0
+        assert [c for c in watch.api_calls() if c[2] is not None] == []
+        watch.errors.check()
+    finally:
+        context.close()
 
 
 @pytest.mark.timeout(240)

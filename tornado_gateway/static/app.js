@@ -218,18 +218,146 @@
              retryAfter: retryAfter || null };
   }
 
+  // ---------------------------------------------------------------- the API token
+  // When the gateway requires a token (auth.py), the page takes it from ?token=... (then
+  // removes it from the address bar) or asks for it, keeps it in sessionStorage for this tab
+  // only, and sends it as "Authorization: Bearer ..." with its own /api/ requests, never to
+  // another origin. It is never written to the console nor put back in a URL.
+
+  var TOKEN_KEY = "tornado_gateway.api_token";
+  var apiToken = null;       // the token this tab sends (null: none)
+  var authRequired = false;  // the gateway said it needs one (status body or a 401)
+  var tokenWaiters = [];     // requests waiting for a token before they are sent again
+
+  function storeToken(token) {
+    apiToken = token || null;
+    try {
+      if (apiToken) sessionStorage.setItem(TOKEN_KEY, apiToken);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (e) { /* storage off: the token lives as long as the page */ }
+  }
+
+  (function takeToken() {
+    try { apiToken = sessionStorage.getItem(TOKEN_KEY) || null; } catch (e) { apiToken = null; }
+    var params;
+    try { params = new URLSearchParams(location.search); } catch (e) { return; }
+    if (!params.has("token")) return;
+    var fromUrl = (params.get("token") || "").trim();
+    params.delete("token");
+    var query = params.toString();
+    try {
+      history.replaceState(history.state, "", location.pathname + (query ? "?" + query : "") + location.hash);
+    } catch (e) { /* an old browser keeps the URL; the token is still only sent here */ }
+    if (fromUrl) storeToken(fromUrl);
+  })();
+
+  /** True for a URL of this gateway's API: the only place the token is ever sent. */
+  function isOwnApi(url) {
+    var u;
+    try { u = new URL(url, location.href); } catch (e) { return false; }
+    return u.origin === location.origin && u.pathname.indexOf("/api/") === 0;
+  }
+
+  /** The Authorization header value for url, or null. */
+  function authFor(url) {
+    return apiToken && isOwnApi(url) ? "Bearer " + apiToken : null;
+  }
+
+  /** A promise that resolves once a token has been accepted; asks for one (once). `refused`:
+   * the token this tab sent was refused (it changed where the gateway runs). */
+  function waitForToken(refused) {
+    return new Promise(function (resolve) {
+      tokenWaiters.push(resolve);
+      askToken(refused);
+    });
+  }
+
+  function askToken(refused) {
+    authRequired = true;
+    if (refused && apiToken) storeToken(null);
+    var panel = $("token-panel");
+    var wasHidden = panel.hidden;
+    if (!wasHidden && !refused) return;  // already asking: keep what it says
+    $("token-why").textContent = refused
+      ? "The gateway does not accept the token this tab had: it may have been changed where " +
+        "the gateway runs (or mistyped). Enter the current one to carry on."
+      : "This gateway only analyses images, saves answers and retrains for people who have its " +
+        "access token. Enter it once; this tab remembers it until you close it.";
+    panel.hidden = false;
+    if (wasHidden) {
+      $("token-error").hidden = true;
+      $("token-input").value = "";
+      $("token-input").focus();
+    }
+  }
+
+  function tokenAccepted(token, statusRes) {
+    storeToken(token);
+    $("token-panel").hidden = true;
+    $("token-error").hidden = true;
+    $("token-input").value = "";
+    var waiters = tokenWaiters;
+    tokenWaiters = [];
+    if (statusRes) applyStatus(statusRes);
+    startStats();
+    waiters.forEach(function (resolve) { resolve(); });
+  }
+
+  function tokenError(text) {
+    var box = $("token-error");
+    box.textContent = text;
+    box.hidden = false;
+    $("token-input").focus();
+    $("token-input").select();
+  }
+
+  function submitToken(ev) {
+    ev.preventDefault();
+    var candidate = $("token-input").value.trim();
+    if (!candidate) { tokenError("Enter the token first."); return; }
+    var button = $("token-submit");
+    button.disabled = true;
+    button.textContent = "Checking…";
+    // the status endpoint answers 200 either way: the full body only for the right token
+    fetch(API.status, { headers: { "Accept": "application/json", "Authorization": "Bearer " + candidate },
+                        cache: "no-store" }).then(function (resp) {
+      return resp.text().then(function (text) { return parseResponse(resp.status, text, null); });
+    }, function () {
+      return { ok: false, status: 0, data: null, text: "", retryAfter: null };
+    }).then(function (res) {
+      button.disabled = false;
+      button.textContent = "Use this token";
+      if (res.status === 0 || !res.data || typeof res.data !== "object") {
+        tokenError("Could not reach the gateway to check the token. Check that it is running and try again.");
+      } else if (get(res.data, "auth.required") === true || res.status === 401) {
+        tokenError("The gateway did not accept this token. Check it (it is case-sensitive) and try again.");
+      } else {
+        tokenAccepted(candidate, res);
+      }
+    });
+  }
+
   function requestJSON(method, url, body) {
     var opts = { method: method, headers: { "Accept": "application/json" }, cache: "no-store" };
     if (body !== undefined) {
       opts.headers["Content-Type"] = "application/json";
       opts.body = JSON.stringify(body);
     }
+    var auth = authFor(url);
+    if (auth) opts.headers["Authorization"] = auth;
     return fetch(url, opts).then(function (resp) {
       return resp.text().then(function (text) {
         return parseResponse(resp.status, text, resp.headers.get("Retry-After"));
       });
     }, function () {
       return { ok: false, status: 0, data: null, text: "", retryAfter: null };
+    }).then(function (res) {
+      // refused before it reached the service (no side effect): get a token, then send again
+      if (res.status === 401 && isOwnApi(url)) {
+        if (apiToken && auth !== "Bearer " + apiToken) return requestJSON(method, url, body);
+        return waitForToken(!!auth).then(function () { return requestJSON(method, url, body); });
+      }
+      return res;
     });
   }
 
@@ -386,13 +514,18 @@
     if ($("status-text").textContent !== text) $("status-text").textContent = text;
   }
 
-  function applyStatus(res) {
+  function applyStatus(res, sentAuth) {
     if (res.status === 0 || !res.data || typeof res.data !== "object") {
       setBadge("down", "Gateway unreachable", "gateway-unreachable");
       renderUnavailable(null, null, true);
       setReady(false);
+      startStats();
       return;
     }
+    // without the token the status is reduced and says so: ask for it (again, if it was sent)
+    var locked = get(res.data, "auth.required") === true;
+    if (locked && (!apiToken || sentAuth === "Bearer " + apiToken)) askToken(!!sentAuth);
+    if (!locked) startStats();
     var svc = get(res.data, "service") || {};
     var state = typeof svc.state === "string" ? svc.state : "unknown";
     var ready = svc.ready === true || (svc.ready === undefined && state === "ready");
@@ -400,11 +533,16 @@
       var up = get(svc, "uptime_s");
       var workers = Array.isArray(svc.workers) ? svc.workers : [];
       var serving = workers.filter(function (w) { return w && w.state === "ready"; }).length;
-      var some = workers.length > 1 && serving < workers.length;
+      var total = workers.length;
+      if (!total && isNum(svc.workers) && isNum(svc.workers_ready)) {  // the reduced status
+        total = svc.workers;
+        serving = svc.workers_ready;
+      }
+      var some = total > 1 && serving < total;
       setBadge(some ? "warn" : "ok",
-               "Service ready" + (workers.length > 1 ? " (" + serving + " of " + workers.length +
-                                  " workers)" : ""),
-               state, isNum(up) ? "Running for " + seconds(up) : "");
+               "Service ready" + (total > 1 ? " (" + serving + " of " + total + " workers)" : ""),
+               state, isNum(up) ? "Running for " + seconds(up)
+                                : (locked ? "Enter the access token for the full status" : ""));
       $("unavailable").hidden = true;
       lastUnavailable = null;
     } else {
@@ -426,8 +564,16 @@
 
   function pollStatus() {
     if (statusTimer) { clearTimeout(statusTimer); statusTimer = null; }
-    return requestJSON("GET", API.status).then(function (res) {
-      applyStatus(res);
+    var sentAuth = authFor(API.status);
+    // the status endpoint never answers 401: a reduced body says a token is needed
+    var opts = { headers: { "Accept": "application/json" }, cache: "no-store" };
+    if (sentAuth) opts.headers["Authorization"] = sentAuth;
+    return fetch(API.status, opts).then(function (resp) {
+      return resp.text().then(function (text) { return parseResponse(resp.status, text, null); });
+    }, function () {
+      return { ok: false, status: 0, data: null, text: "", retryAfter: null };
+    }).then(function (res) {
+      applyStatus(res, sentAuth);
     }).catch(function () {
       // applyStatus never throws, but be safe: keep polling whatever happens
     }).then(function () {
@@ -435,6 +581,14 @@
       var next = serviceReady ? pollMs : Math.max(250, Math.min(pollMs, 1500));
       statusTimer = setTimeout(pollStatus, next);
     });
+  }
+
+  // the statistics are first loaded once the page knows it may (no token needed, or it has one)
+  var statsStarted = false;
+  function startStats() {
+    if (statsStarted) return;
+    statsStarted = true;
+    loadStats();
   }
 
   /** Called when a request got 502/503/504 or no answer: show it now, don't wait for the poll. */
@@ -447,6 +601,7 @@
   var previewUrl = null;
 
   function resetResult() {
+    uploadSeq++;  // an upload waiting for the token is not sent once another file is chosen
     $("result-error").hidden = true;
     $("result-body").hidden = true;
     $("spectrum-panel").hidden = true;
@@ -501,8 +656,11 @@
     upload(file);
   }
 
+  var uploadSeq = 0;
+
   function upload(file) {
     if (currentXhr) currentXhr.abort();
+    var seq = ++uploadSeq;
     var xhr = new XMLHttpRequest();
     currentXhr = xhr;
     var bar = $("upload-bar");
@@ -535,9 +693,18 @@
       block.hidden = true;
       $("result").setAttribute("aria-busy", "false");
     }
+    var auth = authFor(API.analyze);
     xhr.onload = function () {
       finish();
       var res = parseResponse(xhr.status, xhr.responseText, xhr.getResponseHeader("Retry-After"));
+      if (res.status === 401) {  // refused before the service saw it: get a token, send again
+        $("result-empty").hidden = false;
+        $("result-empty").textContent = "Waiting for the access token (above) to analyse " + (file.name || "the image") + "…";
+        var retry = function () { if (seq === uploadSeq) upload(file); };  // nothing newer chosen
+        if (apiToken && auth !== "Bearer " + apiToken) retry();
+        else waitForToken(!!auth).then(retry);
+        return;
+      }
       if (res.ok && res.data && typeof res.data === "object") {
         renderAnalysis(res.data, Date.now() - started);
       } else {
@@ -561,6 +728,7 @@
     form.append("file", file, file.name || "image");
     xhr.open("POST", API.analyze);
     xhr.setRequestHeader("Accept", "application/json");
+    if (auth) xhr.setRequestHeader("Authorization", auth);
     xhr.send(form);
   }
 
@@ -575,6 +743,67 @@
     else if (signal.status === "no_traces_found") s += " No up-sampling traces: that does not make it a camera photo.";
     else s += " Inconclusive" + (signal.reason ? ": " + signal.reason : "") + ".";
     return s;
+  }
+
+  function scoreText(v) {
+    if (!isNum(v)) return DASH;
+    return v >= 100 ? String(Math.round(v)) : v.toFixed(v >= 10 ? 1 : 2);
+  }
+
+  var RESAMPLING_STATUS = {
+    traces_found: "Found",
+    no_traces_found: "Not found",
+    inconclusive: "Inconclusive"
+  };
+
+  /** The resampling signal (signal.resampling): status, score against its threshold, why. */
+  function resamplingWords(rs) {
+    var score = rs.score, threshold = rs.threshold;
+    var against = isNum(score)
+      ? "score " + scoreText(score) + (isNum(threshold)
+          ? (score >= threshold ? ", at or above" : ", below") + " the threshold of " + scoreText(threshold) +
+            (threshold > 0 ? " (" + (score / threshold).toFixed(1) + "× the threshold)" : "")
+          : "")
+      : "";
+    if (rs.status === "traces_found") {
+      return "Resampling signal: traces found — " + against +
+        (isNum(rs.peak_frequency) ? "; the periodic pattern peaks at " + rs.peak_frequency.toFixed(3) + " cycles/pixel" : "") +
+        ". The image was resized, by a factor that need not be a whole number. Image generators " +
+        "resize, and so does any ordinary resizing (and finely repeating content can look the same): " +
+        "found means resized, not generated.";
+    }
+    if (rs.status === "no_traces_found") {
+      return "Resampling signal: no traces found — " + (against || "no periodic pattern") +
+        ". No sign of resizing; that does not make it a camera photo.";
+    }
+    if (rs.status === "inconclusive") {
+      return "Resampling signal: inconclusive — " + (typeof rs.reason === "string" && rs.reason
+        ? rs.reason : "not examined" + (rs.reason_code ? " (" + show(rs.reason_code) + ")" : "")) + ".";
+    }
+    return "Resampling signal: not reported by the service.";
+  }
+
+  function renderResampling(rs) {
+    rs = rs && typeof rs === "object" ? rs : {};
+    var status = RESAMPLING_STATUS[rs.status] ? rs.status : "unknown";
+    $("resampling").setAttribute("data-status", status);
+    $("resampling-status").textContent = RESAMPLING_STATUS[status] || "";
+    $("resampling-summary").textContent = resamplingWords(rs);
+    var meter = $("resampling-meter");
+    var score = rs.score, threshold = rs.threshold;
+    var drawable = isNum(score) && isNum(threshold) && threshold > 0;
+    meter.hidden = !drawable;
+    $("resampling-scale").hidden = !drawable;
+    if (!drawable) return;
+    // the threshold in the middle, twice the threshold (or more) at the right end
+    var max = 2 * threshold;
+    meter.setAttribute("aria-valuemax", String(max));
+    meter.setAttribute("aria-valuenow", String(Math.max(0, Math.min(max, score))));
+    meter.setAttribute("aria-valuetext", "score " + scoreText(score) + ", threshold " + scoreText(threshold) +
+                       (score >= threshold ? ": traces found" : ": below the threshold"));
+    $("resampling-marker").style.left = (Math.max(0, Math.min(1, score / max)) * 100) + "%";
+    $("resampling-threshold-label").textContent = "threshold " + scoreText(threshold);
+    $("resampling-max-label").textContent = scoreText(max) + (score > max ? "+" : "");
   }
 
   function renderProvenance(prov) {
@@ -623,6 +852,8 @@
     }
     $("prob-text").textContent = signalWords(signal);
     $("signal-summary").textContent = signalWords(signal);
+    var rs = signal.resampling && typeof signal.resampling === "object" ? signal.resampling : {};
+    renderResampling(rs);
     renderProvenance(data.provenance && typeof data.provenance === "object" ? data.provenance : {});
 
     var expl = data.explanation;
@@ -644,6 +875,9 @@
     if (regions && typeof regions === "object") regions = regions.count !== undefined ? regions.count : show(regions);
     fillFacts($("result-facts"), [
       ["Up-sampling score (signal)", isNum(p) ? percent(p) + " (" + p.toFixed(3) + ")" : "none: " + show(signal.reason_code), "probability"],
+      ["Resampling score (signal)", isNum(rs.score)
+        ? scoreText(rs.score) + (isNum(rs.threshold) ? " (threshold " + scoreText(rs.threshold) + ")" : "")
+        : "none: " + show(rs.reason_code || rs.status), "resampling-score"],
       ["Verdict rule", data.verdict_rule ? show(data.verdict_rule) + " (from " + show(data.verdict_basis) + ")" : DASH, "rule"],
       ["Time to analyse", duration(data.elapsed_ms) +
         (isNum(clientMs) ? " (" + duration(clientMs) + " including upload)" : ""), "elapsed"],
@@ -1037,8 +1271,8 @@
       }, 150);
     });
 
-    pollStatus();
-    loadStats();
+    $("token-form").addEventListener("submit", submitToken);
+    pollStatus();  // then the statistics (startStats), once the page knows it may
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
