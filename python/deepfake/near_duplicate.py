@@ -121,8 +121,17 @@ def same_source(a: Optional[str], b: Optional[str]) -> bool:
 def groups(keys: Sequence[str], hashes: Sequence[Optional[str]]) -> list[str]:
     """A group name per image: images linked by :func:`same_source` share one (union-find).
     ``keys`` (e.g. SHA-256) name the group after its first member; identical keys are one
-    group too."""
-    parent = list(range(len(keys)))
+    group too.
+
+    Every hash is parsed once: pHashes become 64-bit integers compared against all others at
+    once (XOR and a bit count per row, numpy), crop-resistant hashes are matched through an
+    index of their segment hashes (two images match when one segment hash is equal, which is
+    :func:`same_source`'s ``hamming_cutoff=0, region_cutoff=1``). Same links as calling
+    :func:`same_source` on every pair (a test checks it), without its n² hash parsing: 1,000
+    feedback images in a fraction of a second rather than minutes.
+    """
+    n = len(keys)
+    parent = list(range(n))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -141,11 +150,38 @@ def groups(keys: Sequence[str], hashes: Sequence[Optional[str]]) -> list[str]:
             union(first[key], i)
         else:
             first[key] = i
-    for i in range(len(keys)):
-        for j in range(i + 1, len(keys)):
-            if find(i) != find(j) and same_source(hashes[i], hashes[j]):
-                union(i, j)
-    return ["near-duplicates:" + keys[find(i)][:16] for i in range(len(keys))]
+    phash_index, phash_values = [], []
+    by_segment: dict[str, int] = {}
+    for i, value in enumerate(hashes):
+        parts = _parts(value) if value else {}
+        p = parts.get("p")
+        if p:
+            try:
+                phash_values.append(int(p, 16))
+                phash_index.append(i)
+            except ValueError:
+                pass
+        c = parts.get("c")
+        if c:
+            for segment in {seg.strip().lower() for seg in c.split(",") if seg.strip()}:
+                if segment in by_segment:
+                    union(by_segment[segment], i)
+                else:
+                    by_segment[segment] = i
+    if len(phash_values) > 1:
+        values = np.array(phash_values, dtype=np.uint64)
+        for row, i in enumerate(phash_index[:-1]):
+            distances = _popcount(values[row + 1:] ^ values[row])
+            for offset in np.flatnonzero(distances <= PHASH_MAX_DISTANCE):
+                union(i, phash_index[row + 1 + int(offset)])
+    return ["near-duplicates:" + keys[find(i)][:16] for i in range(n)]
+
+
+def _popcount(values: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(values)
+    return np.unpackbits(values.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
 
 
 def _parts(value: str) -> dict[str, str]:

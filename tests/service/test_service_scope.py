@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageDraw
 
 from service_images import encode, nearest_upsampled, pink_noise
@@ -142,3 +143,52 @@ def test_retrain_keeps_a_duplicated_photo_on_one_side_of_every_split(client, app
     assert len(groups) == 8 and groups[0] == groups[1]  # the photo and its resized copy
     assert len(set(groups)) == 7 == body["learnt"]["feedback_groups"]
     assert body["learnt"]["feedback_labels"] == 8
+
+
+# --- grouping at scale: the same links as comparing every pair ---------------------------
+
+def _pairwise_groups(keys, hashes):
+    """The definition: union of every pair same_source() links, and of identical keys."""
+    parent = list(range(len(keys)))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+    for i in range(len(keys)):
+        for j in range(i + 1, len(keys)):
+            if keys[i] == keys[j] or near_duplicate.same_source(hashes[i], hashes[j]):
+                ri, rj = find(i), find(j)
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
+    return ["near-duplicates:" + keys[find(i)][:16] for i in range(len(keys))]
+
+
+_PHASH_BASES = [0x0123456789ABCDEF, 0xFEDCBA9876543210, 0x0F0F0F0F0F0F0F0F]
+
+
+@st.composite
+def _hash_value(draw):
+    parts = []
+    if draw(st.booleans()):
+        base = draw(st.sampled_from(_PHASH_BASES))
+        flips = draw(st.lists(st.integers(0, 63), max_size=14))
+        for bit in flips:
+            base ^= 1 << bit
+        parts.append("p:%016x" % base)
+    if draw(st.booleans()):
+        segments = draw(st.lists(st.sampled_from(["00ff00ff00ff00ff", "1234123412341234",
+                                                  "abcdabcdabcdabcd", "0000000000000001",
+                                                  "8000000000000000"]),
+                                 min_size=1, max_size=3))
+        parts.append("c:" + ",".join(segments))
+    return ";".join(parts) or None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["k1", "k2", "k3", "k4", "k5", "k6", "k7"]),
+                          _hash_value()), min_size=1, max_size=12))
+def test_groups_link_exactly_what_same_source_links(items):
+    keys = [k * 10 for k, _ in items]
+    hashes = [h for _, h in items]
+    assert near_duplicate.groups(keys, hashes) == _pairwise_groups(keys, hashes)
