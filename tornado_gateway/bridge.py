@@ -517,7 +517,4 @@ def _alive(proc: Any) -> bool:
 
 
 def _iso(wall: float) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return errors.utc_timestamp(wall)

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 
-def utc_timestamp() -> str:
-    """Now, as ISO 8601 in UTC with a ``Z`` suffix (``2024-01-15T10:30:00.123Z``)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+def utc_timestamp(wall: Optional[float] = None) -> str:
+    """``wall`` (a ``time.time()``; default now) as ISO 8601 in UTC with milliseconds and a
+    ``Z`` suffix (``2024-01-15T10:30:00.123Z``): the gateway's one timestamp format."""
+    now = (datetime.datetime.now(datetime.timezone.utc) if wall is None
+           else datetime.datetime.fromtimestamp(wall, datetime.timezone.utc))
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 

@@ -46,10 +46,15 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 1) 
         return default
 
 
+#: What means production, as the gateway reads it (``tornado_gateway.config``); a test keeps
+#: the two readings equal.
+PRODUCTION_WORDS = ("production", "prod")
+
+
 def mode_from(environ: Mapping[str, str]) -> str:
     """``GATEWAY_ENV``, then ``NODE_ENV``: production only if it says so, else development."""
     raw = environ.get("GATEWAY_ENV") or environ.get("NODE_ENV") or DEVELOPMENT
-    return PRODUCTION if raw.strip().lower() == PRODUCTION else DEVELOPMENT
+    return PRODUCTION if raw.strip().lower() in PRODUCTION_WORDS else DEVELOPMENT
 
 
 def load_config(environ: Optional[Mapping[str, str]] = None, data_dir: Optional[str] = None,

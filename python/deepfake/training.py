@@ -7,13 +7,13 @@ accuracy is measured per image, on the mean crop log-odds, exactly as the servic
 """
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from . import features
+from .database import utc_now
 from .model import LinearModel
 
 C = 0.1  # inverse L2 strength; chosen by grouped CV on the baseline (0.01..1 within ~2 points)
@@ -193,6 +193,6 @@ def train_model(data: TrainingSet, version: str, metrics: dict[str, Any],
                 training: dict[str, Any]) -> LinearModel:
     """Fit on every crop and wrap the result with its (already measured) metrics."""
     mean, scale, coef, intercept = fit(data)
-    trained_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    trained_at = utc_now()
     return LinearModel(version, features.FEATURE_VERSION, trained_at, mean, scale, coef,
                        intercept, metrics, training)

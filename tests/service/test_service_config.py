@@ -54,3 +54,15 @@ def test_watch_calls_back_once_the_process_is_gone() -> None:
         child.wait()
     assert parent_watch.watch_from_environment({"TORNADO_GATEWAY_PID": "abc"}) is None
     assert parent_watch.watch_from_environment({}) is None
+
+
+def test_the_service_reads_the_mode_as_the_gateway_does() -> None:
+    """One rule, two packages: every GATEWAY_ENV value means the same mode to both."""
+    from tornado_gateway.config import load_config as gateway_config
+
+    from deepfake.config import mode_from
+
+    for raw in ("production", "prod", "PROD", " Production ", "development", "dev", "staging",
+                "", "productions"):
+        gateway = gateway_config({"GATEWAY_ENV": raw}).mode if raw else "development"
+        assert mode_from({"GATEWAY_ENV": raw}) == gateway, raw
