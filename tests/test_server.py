@@ -477,3 +477,21 @@ def test_serve_under_uvloop_shuts_down_on_a_signal_and_restores_handlers(
     name = signal.Signals(sig).name
     assert "Received %s: shutting down" % name in logs.text()
     assert "Received %s again: killing the Flask server now." % name in logs.text()
+
+
+def test_loop_signal_handler_reads_what_asyncio_registered():
+    """The one private asyncio API the gateway reads (server.loop_signal_handler): this fails
+    the day asyncio stops keeping its handlers where the gateway looks."""
+    from tornado_gateway.server import loop_signal_handler
+
+    def host(*args):
+        pass
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop_signal_handler(loop, signal.SIGUSR1) == (True, None)
+        loop.add_signal_handler(signal.SIGUSR1, host, 1, "two")
+        assert loop_signal_handler(loop, signal.SIGUSR1) == (True, (host, (1, "two")))
+        loop.remove_signal_handler(signal.SIGUSR1)
+    finally:
+        loop.close()

@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from tornado.netutil import bind_sockets
 
@@ -44,6 +44,25 @@ def shutdown_signals(platform: str = sys.platform) -> List[int]:
     return [signal.SIGINT, signal.SIGTERM]
 
 
+def loop_signal_handler(loop: asyncio.AbstractEventLoop,
+                        sig: int) -> Tuple[bool, Optional[Tuple[Callable[..., Any], tuple]]]:
+    """The callback and arguments ``loop.add_signal_handler(sig, ...)`` registered, so that
+    they can be put back: ``(True, (callback, args))``, ``(True, None)`` when none is, and
+    ``(False, None)`` when the loop does not say (uvloop).
+
+    asyncio has no public way to read a registered handler: this is the project's one use of
+    its private table (``_signal_handlers``, ``Handle._callback``/``_args``), kept here, and
+    ``tests/test_server.py`` fails the day asyncio changes it.
+    """
+    handlers = getattr(loop, "_signal_handlers", None)
+    if not isinstance(handlers, dict):
+        return False, None
+    handle = handlers.get(sig)
+    if handle is None:
+        return True, None
+    return True, (handle._callback, tuple(handle._args or ()))
+
+
 class SignalCatcher:
     """Routes shutdown signals to ``on_signal`` on the event loop and, on ``restore()``, puts
     back exactly the handlers that were there, so an embedding program is left as it was."""
@@ -71,9 +90,8 @@ class SignalCatcher:
             else:
                 # add_signal_handler replaces a callback the host program registered on this
                 # loop, and remove_signal_handler would drop it: keep it to put it back
-                handlers = getattr(self._loop, "_signal_handlers", None)
-                if isinstance(handlers, dict):  # asyncio's loops
-                    host = handlers.get(sig)
+                readable, host = loop_signal_handler(self._loop, sig)
+                if readable:  # asyncio's loops
                     if host is not None:
                         self._loop_previous[sig] = host
                 elif getattr(self._previous[sig], "__self__", None) is self._loop:
@@ -100,8 +118,8 @@ class SignalCatcher:
                 signal.signal(sig, previous)
         self._previous.clear()
         self._lost.clear()
-        for sig, host in self._loop_previous.items():
-            self._loop.add_signal_handler(sig, host._callback, *host._args)
+        for sig, (callback, args) in self._loop_previous.items():
+            self._loop.add_signal_handler(sig, callback, *args)
         self._loop_previous.clear()
 
 
