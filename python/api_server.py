@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(data_dir=args.data_dir, env=args.env)
     watch_from_environment()
 
+    from deepfake import imaging
     from deepfake.app import create_app
 
+    imaging.set_pixel_limit(config.max_pixels)  # Pillow's, process-wide: this process is ours
     app = create_app(config)
     url = "http://%s:%d" % (args.host, args.port)
     if config.env == PRODUCTION:

@@ -54,7 +54,9 @@ class Service:
 
 
 def create_app(config: ServiceConfig) -> Flask:
-    imaging.set_pixel_limit(config.max_pixels)
+    """The service's Flask app. It changes nothing process-wide (Pillow's own pixel limit is
+    set by ``api_server.py``, which owns its process; every upload's pixel count is checked
+    here against ``config.max_pixels`` before it is decoded)."""
     app = Flask("deepfake")
     # exceptions go to our JSON 500 handler even in debug mode; tracebacks go to the log only
     app.config.update(MAX_CONTENT_LENGTH=config.max_upload + 2**20, PROPAGATE_EXCEPTIONS=False,

@@ -41,7 +41,8 @@ class DecodedImage:
 
 
 def set_pixel_limit(max_pixels: int) -> None:
-    """Make Pillow refuse bombs early; our own check below covers the range it only warns in.
+    """Make Pillow refuse bombs early (process-wide: called by ``api_server.py``, never by
+    ``create_app``); :func:`decode` checks every image against its own limit anyway.
 
     Pillow raises ``DecompressionBombError`` above twice ``MAX_IMAGE_PIXELS`` and merely warns
     between once and twice; ``decode`` refuses anything above ``max_pixels`` itself, so the
@@ -121,7 +122,8 @@ def count_frames(image: Image.Image, limit: int = MAX_COUNTED_FRAMES) -> int:
     try:
         while count < limit:
             # GIF's _seek(n, False) only parses frame n (what n_frames does for each frame);
-            # the public seek() would decode every frame before it
+            # the public seek() would decode every frame before it. The service's one private
+            # Pillow API: tests/service/test_service_fuzz.py fails the day Pillow changes it.
             if (image.format or "").upper() == "GIF":
                 image._seek(count, False)  # type: ignore[attr-defined]
             else:

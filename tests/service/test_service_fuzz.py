@@ -98,3 +98,35 @@ def test_arbitrary_small_images_never_cause_a_500(fuzz_client, data, truncate) -
             assert body["verdict"] == "inconclusive"
         check(fuzz_client.post(API + "/feedback", json={"analysis_id": body["analysis_id"],
                                                         "label": "real"}))
+
+
+def test_gif_frames_are_counted_through_pillows_private_seek() -> None:
+    """imaging.count_frames parses GIF frames one by one with Pillow's private
+    ``GifImageFile._seek(n, False)`` (the public seek decodes every frame before): this fails
+    the day Pillow changes it."""
+    import io
+
+    from PIL import GifImagePlugin, Image
+
+    from deepfake import imaging
+
+    assert callable(getattr(GifImagePlugin.GifImageFile, "_seek", None))
+    frames = [Image.new("L", (8, 8), value) for value in (0, 80, 160, 240)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    assert imaging.count_frames(image) == 4
+    assert imaging.count_frames(Image.open(io.BytesIO(buffer.getvalue())), limit=2) == 2
+
+
+def test_create_app_changes_nothing_process_wide(tmp_path) -> None:
+    import warnings
+
+    from PIL import Image
+
+    from deepfake.app import create_app
+    from deepfake.config import ServiceConfig
+
+    before = (Image.MAX_IMAGE_PIXELS, list(warnings.filters))
+    create_app(ServiceConfig(data_dir=str(tmp_path), max_pixels=1234))
+    assert (Image.MAX_IMAGE_PIXELS, list(warnings.filters)) == before
