@@ -193,6 +193,10 @@ CREATE TABLE IF NOT EXISTS current_model (
               _sqlite_add_near_hash,
               "ALTER TABLE analyses ADD COLUMN IF NOT EXISTS near_hash TEXT;"
               "ALTER TABLE samples ADD COLUMN IF NOT EXISTS near_hash TEXT"),
+    # counts() runs on every feedback and every /stats: without it SQLite scanned the whole
+    # table (14 us at 20 samples, 640 us at 660: bench/store_bench.py)
+    Migration(4, "an index for the samples per label",
+              "CREATE INDEX IF NOT EXISTS samples_by_label ON samples (label)"),
 ]
 
 
