@@ -14,10 +14,8 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from deepfake.config import DEVELOPMENT, PRODUCTION, load_config  # noqa: E402
-from deepfake.parent_watch import watch_from_environment  # noqa: E402
+from deepfake.config import DEVELOPMENT, PRODUCTION, load_config
+from deepfake.parent_watch import watch_from_environment
 
 log = logging.getLogger("deepfake.server")
 

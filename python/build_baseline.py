@@ -21,13 +21,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from deepfake import baseline_set, features, simulate, training  # noqa: E402
-from deepfake.model import write_json_atomically  # noqa: E402
+from deepfake import baseline_set, features, simulate, training
+from deepfake.model import write_json_atomically
 
 SEED = 20200712
 CROPS_PER_IMAGE = 32

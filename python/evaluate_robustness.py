@@ -38,13 +38,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+from PIL import Image, ImageFilter
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
-
-from deepfake import detector, features, resampling, simulate  # noqa: E402
-from deepfake.model import BASELINE_PATH, read_model  # noqa: E402
+from deepfake import detector, features, resampling, simulate
+from deepfake.model import BASELINE_PATH, read_model
 
 SEED = 20261201
 WINDOW = 256

@@ -28,9 +28,9 @@ log = logging.getLogger("tornado_gateway.bridge")
 
 TROUBLESHOOTING = (
     "Troubleshooting: run the service alone to see its full output: "
-    "python {script} --port {port} ; install its dependencies with: pip install -e . "
-    "(or pip install -r python/requirements.txt) ; check that port {port} is free "
-    "(or set FLASK_PORT)."
+    "python {script} --port {port} ; install the service and its dependencies with: "
+    "pip install -e ./python (from the repository's root, in the gateway's environment) ; "
+    "check that port {port} is free (or set FLASK_PORT)."
 )
 
 
@@ -253,7 +253,7 @@ class PythonBridge:
             raise EnvironmentProblem(
                 "No Python interpreter found: the gateway's own is unavailable and none of %s "
                 "is on PATH." % ", ".join(child_mod.path_candidates(sys.platform)),
-                "Install Python 3.9+ and run: pip install -r python/requirements.txt ; or set "
+                "Install Python 3.9+ and run: pip install -e ./python ; or set "
                 "FLASK_PYTHON to an interpreter's full path.")
         script = child_mod.resolve_script(cfg.script)
         if script is None:

@@ -1,11 +1,10 @@
 """Feedback written while a retrain runs and while the child is SIGKILLed: every acknowledged
 (201) sample survives the restart, and the killed retrain leaves the previous model loaded and
-its files intact."""
+the stored model versions intact."""
 from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import os
 import signal
 import sqlite3
@@ -19,16 +18,14 @@ from rel_helpers import encode, multipart, noise_image, wait_until
 pytestmark = pytest.mark.integration
 
 
-def model_files(data_dir: str) -> dict:
-    folder = os.path.join(data_dir, "models")
-    if not os.path.isdir(folder):
-        return {}
-    out = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".json") and not name.startswith(".tmp-"):
-            with open(os.path.join(folder, name), "rb") as f:
-                out[name] = hashlib.sha256(f.read()).hexdigest()
-    return out
+def stored_models(data_dir: str) -> dict:
+    """Every stored model version (id -> version, digest of its JSON) and the current one."""
+    path = os.path.join(data_dir, "deepfake.sqlite3")
+    with sqlite3.connect("file:%s?mode=ro" % path, uri=True) as db:
+        versions = {row[0]: (row[1], row[2]) for row in
+                    db.execute("SELECT model_id, version, digest FROM models")}
+        current = db.execute("SELECT model_id FROM current_model").fetchone()
+    return {"versions": versions, "current": current[0] if current else None}
 
 
 def post_feedback(gw, image: bytes, label: str, timeout: float = 10.0):
@@ -52,8 +49,8 @@ def test_acknowledged_feedback_and_the_model_survive_a_kill_during_retrain(gatew
     first = gw.request("POST", "/api/deepfake/retrain", b"", timeout=60)
     assert first.status == 200, first
     before = gw.get("/api/deepfake/stats").json()["model"]
-    files_before = model_files(gw.data_dir)
-    assert files_before, "the first retrain wrote no model file"
+    models_before = stored_models(gw.data_dir)
+    assert len(models_before["versions"]) == 2, "the first retrain promoted no model"
 
     retrain_result: dict = {}
 
@@ -95,7 +92,7 @@ def test_acknowledged_feedback_and_the_model_survive_a_kill_during_retrain(gatew
     # new "previous model" and the next attempt tries again.
     for attempt in range(10):
         before = gw.get("/api/deepfake/stats").json()["model"]
-        files_before = model_files(gw.data_dir)
+        models_before = stored_models(gw.data_dir)
         retrain_result.clear()
         trainer = threading.Thread(target=retrain)
         trainer.start()
@@ -131,13 +128,11 @@ def test_acknowledged_feedback_and_the_model_survive_a_kill_during_retrain(gatew
     stats = gw.get("/api/deepfake/stats").json()
     assert stats["training_samples"] == len(stored) >= len(acked)
 
-    # the killed retrain left the previous model loaded and its files untouched
+    # the killed retrain left the previous model current and the stored versions untouched
     assert stats["model"]["version"] == before["version"]
     assert stats["model"]["source"] == before["source"]
-    assert model_files(gw.data_dir) == files_before
-    for name in files_before:
-        with open(os.path.join(gw.data_dir, "models", name), encoding="utf-8") as f:
-            assert json.load(f)["version"]
+    assert stored_models(gw.data_dir) == models_before
+    assert models_before["versions"][models_before["current"]][0] == before["version"]
     analysed = gw.request("POST", "/api/deepfake/analyze", encode(noise_image(128, 999)),
                           {"Content-Type": "image/png"})
     assert analysed.status == 200 and analysed.json()["model_version"] == before["version"]

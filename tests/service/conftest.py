@@ -1,7 +1,7 @@
 """Fixtures for the deepfake service's tests: a temporary data dir, the app, test images.
 
-The service lives in ``python/`` (not an installed package), so it is put on ``sys.path`` here,
-the same way ``python/api_server.py`` does it for itself.
+The service is its own distribution (``python/pyproject.toml``), installed beside the gateway
+(``pip install -e ./python``): ``deepfake`` is imported as any installed package.
 """
 from __future__ import annotations
 

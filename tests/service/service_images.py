@@ -11,9 +11,7 @@ import numpy as np
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PYTHON_DIR = os.path.join(REPO, "python")
-if PYTHON_DIR not in sys.path:
-    sys.path.insert(0, PYTHON_DIR)
+PYTHON_DIR = os.path.join(REPO, "python")  # the service's scripts (the package is installed)
 
 def pink_noise(size: int | tuple[int, int], seed: int, rgb: bool = False) -> Image.Image:
     """A 1/f-noise texture: the spectrum of natural photos, with no up-sampling in it."""
