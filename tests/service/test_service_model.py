@@ -109,3 +109,22 @@ def test_install_waits_out_a_reader_holding_the_file_on_windows(tmp_path, monkey
     refusals.clear()
     with pytest.raises(PermissionError):
         files.install(training.train_model(small_set(6), "third", {}, {}))
+
+
+def test_replace_only_if_no_worse_on_both_kinds_of_held_out_images() -> None:
+    """retrain._compare, the rule itself: each outcome, not either."""
+    from deepfake.retrain import BASELINE_TOLERANCE, _compare
+
+    old = {"feedback_balanced_accuracy": 0.80, "baseline_accuracy": 0.90}
+    same = dict(old)
+    assert _compare(same, old)[0] is True
+    assert _compare({**old, "feedback_balanced_accuracy": 0.79}, old)[0] is False
+    worse_base = {**old, "baseline_accuracy": 0.90 - BASELINE_TOLERANCE - 0.001}
+    replaced, reason = _compare(worse_base, old)
+    assert replaced is False and "held-out baseline images" in reason
+    within = {**old, "baseline_accuracy": 0.90 - BASELINE_TOLERANCE + 0.001}
+    assert _compare(within, old)[0] is True
+    better = {"feedback_balanced_accuracy": 0.95, "baseline_accuracy": 0.91}
+    replaced, reason = _compare(better, old)
+    assert replaced is True and reason.startswith("replaced")
+    assert _compare({"feedback_balanced_accuracy": None, "baseline_accuracy": 0.9}, old)[0]

@@ -192,3 +192,19 @@ def test_groups_link_exactly_what_same_source_links(items):
     keys = [k * 10 for k, _ in items]
     hashes = [h for _, h in items]
     assert near_duplicate.groups(keys, hashes) == _pairwise_groups(keys, hashes)
+
+
+# --- the signal's thresholds at their boundaries ---------------------------------------------
+
+def test_verdict_thresholds_at_their_boundaries() -> None:
+    from deepfake import detector
+
+    generated, real, regions = detector.GENERATED_AT, detector.REAL_AT, detector.MIN_REGIONS
+    assert detector.verdict_for(generated, regions) == "traces_found"
+    assert detector.verdict_for(generated - 1e-9, regions) == "inconclusive"
+    assert detector.verdict_for(real, regions) == "no_traces_found"
+    assert detector.verdict_for(real + 1e-9, regions) == "inconclusive"
+    assert detector.verdict_for(0.99, regions - 1) == "inconclusive"  # too few regions
+    assert detector.verdict_for(0.01, regions - 1) == "inconclusive"
+    assert detector.verdict_for(None, 64) == "inconclusive"
+    assert (generated, real, regions) == (0.7, 0.3, 4)  # the values python/README.md states
