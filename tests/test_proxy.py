@@ -1002,3 +1002,62 @@ def test_the_old_configure_functions_warn_and_change_nothing(config):
     with pytest.warns(DeprecationWarning, match="no longer needed"):
         configure_upstream_client(config)
     assert AsyncHTTPClient._save_configuration() == before
+
+
+class SilentServer(TCPServer):
+    """An upstream that accepts connections and never reads a byte: the upload can only wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streams: List[Any] = []
+
+    async def handle_stream(self, stream, address) -> None:
+        self.streams.append(stream)  # held open, never read
+
+
+async def test_an_upload_the_child_does_not_read_is_held_back_not_buffered(io_loop, config):
+    """Upload back-pressure, fast: against an upstream that reads nothing, a client can get
+    no further than the kernel's socket buffers plus the proxy's bounded queue
+    (QUEUE_CHUNKS pieces), far short of a 64 MiB body (unbounded, it would all be read)."""
+    import tornado.httpserver
+
+    from tornado.netutil import bind_sockets
+
+    from tornado_gateway.http.server import GatewayHTTPServer
+    from tornado_gateway.proxy import QUEUE_CHUNKS
+
+    upstream = SilentServer()
+    up_port = free_port()
+    upstream.listen(up_port, "127.0.0.1")
+    big = GatewayConfig(max_body=256 << 20, proxy_timeout=30000, connect_timeout=2000,
+                        ready_wait=2000)
+    app = tornado.web.Application(proxy_routes(FakeBridge("http://127.0.0.1:%d" % up_port), big))
+    server = GatewayHTTPServer(app)
+    sockets = bind_sockets(0, "127.0.0.1")
+    await server.start(sockets)
+    port = sockets[0].getsockname()[1]
+    total = 64 << 20
+
+    def push() -> int:
+        sent = 0
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /api/deepfake/up HTTP/1.1\r\nHost: t\r\nContent-Length: %d"
+                         b"\r\n\r\n" % total)
+            sock.settimeout(1.5)
+            chunk = b"u" * 65536
+            try:
+                while sent < total:
+                    sent += sock.send(chunk)
+            except socket.timeout:
+                pass  # blocked: nobody reads further
+        return sent
+
+    try:
+        sent = await asyncio.get_running_loop().run_in_executor(None, push)
+    finally:
+        server.stop()
+        await server.close_all_connections()
+        upstream.stop()
+    # kernel buffers on loopback are a few MiB each way; the queue adds QUEUE_CHUNKS x 64 KiB
+    assert sent < 24 << 20, "%d of %d bytes were taken in" % (sent, total)
+    assert QUEUE_CHUNKS * 65536 <= 1 << 20
