@@ -29,7 +29,7 @@ class _GwFakeChecker:
         self.on_check = on_check
 
     async def check(self):
-        from tornado_gateway.health import HealthResult
+        from tornado_gateway.supervisor.health import HealthResult
 
         item = self.script[min(self.calls, len(self.script) - 1)]
         self.calls += 1
@@ -81,7 +81,7 @@ class _GwFakeControl:
         return _gw_os.fdopen(r, "rb")
 
     def spawn(self, argv, env, cwd, on_exit):
-        from tornado_gateway.child import ChildHandle
+        from tornado_gateway.supervisor.child import ChildHandle
 
         self.calls.append("spawn")
         if self.spawn_error is not None:
@@ -149,7 +149,7 @@ def _gw_capture_logs(name="tornado_gateway"):
 @_gw_pytest.fixture
 def gw_fakes(monkeypatch, tmp_path):
     """Fakes for bridge/child/health tests; psutil snapshots and kills are disarmed."""
-    from tornado_gateway import child as child_mod
+    from tornado_gateway.supervisor import child as child_mod
 
     killed = []
     monkeypatch.setattr(child_mod, "snapshot_descendants", lambda pid: [])
@@ -160,7 +160,7 @@ def gw_fakes(monkeypatch, tmp_path):
     def make_bridge(control=None, checker=None, environ=None, python="/usr/bin/python3-fake",
                     port_busy=False, clock=None, **config):
         """A PythonBridge on fakes: fast health settings, the stand-in script, a fake python."""
-        from tornado_gateway.bridge import PythonBridge
+        from tornado_gateway.supervisor.bridge import PythonBridge
         from tornado_gateway.config import FlaskConfig
 
         settings = dict(script=str(script), port=5999, health_interval=1, health_retries=5,

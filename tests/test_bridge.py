@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from tornado_gateway import child as child_mod
-from tornado_gateway.bridge import PythonBridge
+from tornado_gateway.supervisor import child as child_mod
+from tornado_gateway.supervisor.bridge import PythonBridge
 from tornado_gateway.config import FlaskConfig, GatewayConfig
-from tornado_gateway.health import HealthResult
-from tornado_gateway.state import BridgeState
+from tornado_gateway.supervisor.health import HealthResult
+from tornado_gateway.supervisor.state import BridgeState
 
 S = BridgeState
 pytestmark = pytest.mark.timeout(30)
@@ -204,7 +204,7 @@ def test_auto_restart_restarts_an_exited_child(gw_fakes, monkeypatch):
     control = gw_fakes.FakeControl()
     bridge = gw_fakes.make_bridge(control, auto_restart=1)
     real_sleep = asyncio.sleep
-    monkeypatch.setattr("tornado_gateway.bridge.asyncio.sleep",
+    monkeypatch.setattr("tornado_gateway.supervisor.bridge.asyncio.sleep",
                         lambda d: real_sleep(0))
 
     async def main():

@@ -10,8 +10,8 @@ import types
 
 import pytest
 
-from tornado_gateway import child
-from tornado_gateway.child import (ChildHandle, PosixProcessControl, WindowsProcessControl,
+from tornado_gateway.supervisor import child
+from tornado_gateway.supervisor.child import (ChildHandle, PosixProcessControl, WindowsProcessControl,
                                    describe_returncode, detect_python, path_candidates,
                                    port_in_use, process_control_for, resolve_script,
                                    stop_description)

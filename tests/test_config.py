@@ -186,7 +186,7 @@ def test_base_url_never_targets_a_wildcard_address(host, url):
 
 
 def test_huge_times_do_not_crash_the_bridge():
-    from tornado_gateway.bridge import PythonBridge
+    from tornado_gateway.supervisor.bridge import PythonBridge
 
     cfg, warnings = load({var: "9" * 400 for var in (
         "FLASK_HEALTH_INTERVAL", "FLASK_HEALTH_TIMEOUT", "FLASK_SHUTDOWN_TIMEOUT")})

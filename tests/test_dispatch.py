@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tornado_gateway.dispatch import Dispatcher, Overloaded
+from tornado_gateway.supervisor.dispatch import Dispatcher, Overloaded
 
 
 class Worker:

@@ -21,10 +21,10 @@ from tornado.netutil import bind_sockets
 
 from tornado_gateway.config import FlaskConfig, GatewayConfig, load_config
 from tornado_gateway.http.server import GatewayHTTPServer
-from tornado_gateway.group import NoWorker, QueueTimeout, WorkerGroup
-from tornado_gateway.dispatch import Overloaded
+from tornado_gateway.supervisor.group import NoWorker, QueueTimeout, WorkerGroup
+from tornado_gateway.supervisor.dispatch import Overloaded
 from tornado_gateway.proxy import proxy_routes
-from tornado_gateway.state import BridgeState
+from tornado_gateway.supervisor.state import BridgeState
 
 from test_proxy import fetch, free_port, start_script, stop_script
 

@@ -7,7 +7,7 @@ import types
 import pytest
 from tornado.httpclient import HTTPClientError
 
-from tornado_gateway.health import (HEALTH_PATH, HealthChecker, HealthMonitor, HealthResult,
+from tornado_gateway.supervisor.health import (HEALTH_PATH, HealthChecker, HealthMonitor, HealthResult,
                                     judge_response, wait_until_healthy)
 
 GOOD = json.dumps({"training_samples": 3, "model_loaded": True,

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from tornado_gateway.logpump import (PREFIX, LineSplitter, LogLine, LogPump, format_line,
+from tornado_gateway.supervisor.logpump import (PREFIX, LineSplitter, LogLine, LogPump, format_line,
                                      log_sink)
 
 

@@ -24,7 +24,7 @@ from tornado.ioloop import IOLoop
 from tornado.netutil import bind_sockets
 
 from tornado_gateway.http import client as pool_mod
-from tornado_gateway.child import PosixProcessControl
+from tornado_gateway.supervisor.child import PosixProcessControl
 from tornado_gateway.http.server import GatewayHTTPServer
 from tornado_gateway.http.client import UpstreamHTTPClient
 

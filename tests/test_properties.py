@@ -22,13 +22,13 @@ from tornado.netutil import bind_sockets
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 
 from tornado_gateway.app import make_app
-from tornado_gateway.child import (detect_python, path_candidates,
+from tornado_gateway.supervisor.child import (detect_python, path_candidates,
                                    process_control_for, resolve_script, stop_description)
 from tornado_gateway.config import (DEVELOPMENT, MAX_MS, PRODUCTION, FlaskConfig,
                                     GatewayConfig, load_config)
-from tornado_gateway.logpump import PREFIX, LogPump, log_sink
+from tornado_gateway.supervisor.logpump import PREFIX, LogPump, log_sink
 from tornado_gateway.server import configure_logging, log_level_for, serve
-from tornado_gateway.state import BridgeState
+from tornado_gateway.supervisor.state import BridgeState
 
 S = BridgeState
 FIXTURES = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -33,7 +33,7 @@ from tornado_gateway.proxy import (
     check_target, client_response_headers, has_request_body,
     UpstreamClient, proxy_routes, upstream_request_headers,
 )
-from tornado_gateway.state import BridgeState
+from tornado_gateway.supervisor.state import BridgeState
 
 CHILD_SCRIPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child_scripts")
 sys.path.insert(0, CHILD_SCRIPTS)

@@ -25,7 +25,7 @@ from tornado.tcpserver import TCPServer
 
 from tornado_gateway.config import GatewayConfig
 from tornado_gateway.proxy import DeepfakeProxyHandler, proxy_routes
-from tornado_gateway.state import BridgeState
+from tornado_gateway.supervisor.state import BridgeState
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "child_scripts"))

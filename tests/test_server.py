@@ -13,7 +13,7 @@ from tornado_gateway import server
 from tornado_gateway.config import DEVELOPMENT, PRODUCTION, GatewayConfig
 from tornado_gateway.server import (SignalCatcher, configure_logging, log_level_for, serve,
                                     shutdown_signals)
-from tornado_gateway.state import BridgeState
+from tornado_gateway.supervisor.state import BridgeState
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -26,7 +26,8 @@ def test_importing_the_package_loads_no_tornado_until_a_name_is_used():
 
 
 def test_every_exported_name_is_the_one_in_its_module():
-    from tornado_gateway import bridge, server
+    from tornado_gateway import server
+    from tornado_gateway.supervisor import bridge
     from tornado_gateway.http import server as http_server
     assert tornado_gateway.PythonBridge is bridge.PythonBridge
     assert tornado_gateway.GatewayHTTPServer is http_server.GatewayHTTPServer

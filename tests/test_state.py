@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from tornado_gateway.state import (TERMINAL, TRANSITIONS, BridgeState, InvalidTransition,
+from tornado_gateway.supervisor.state import (TERMINAL, TRANSITIONS, BridgeState, InvalidTransition,
                                    StateMachine)
 
 S = BridgeState

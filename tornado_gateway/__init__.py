@@ -16,17 +16,17 @@ from typing import Any, Dict, List
 __version__ = "0.1.0"
 
 _WHERE: Dict[str, str] = {
-    "BridgeState": ".state",
+    "BridgeState": ".supervisor.state",
     "DeepfakeProxyHandler": ".proxy",
     "FlaskConfig": ".config",
     "GatewayConfig": ".config",
     "GatewayHTTPServer": ".http.server",
-    "PythonBridge": ".bridge",
+    "PythonBridge": ".supervisor.bridge",
     "configure_http_client": ".proxy",
     "configure_upstream_client": ".server",
     "gateway_routes": ".app",
     "UpstreamClient": ".proxy",
-    "WorkerGroup": ".group",
+    "WorkerGroup": ".supervisor.group",
     "load_config": ".config",
     "make_app": ".app",
     "proxy_routes": ".proxy",

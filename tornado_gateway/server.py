@@ -20,7 +20,7 @@ from tornado.netutil import bind_sockets
 
 from .app import make_app
 from .auth import Access, TokenFileError, access_for, is_loopback
-from .group import WorkerGroup
+from .supervisor.group import WorkerGroup
 from .config import GatewayConfig, PRODUCTION
 from .http.server import GatewayHTTPServer
 from .proxy import UPSTREAM_CLIENTS, UpstreamClient  # noqa: F401 (UPSTREAM_CLIENTS: re-export)

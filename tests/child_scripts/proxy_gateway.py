@@ -15,7 +15,7 @@ from typing import Any
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from tornado_gateway.config import GatewayConfig  # noqa: E402
-from tornado_gateway.state import BridgeState, TERMINAL  # noqa: E402
+from tornado_gateway.supervisor.state import BridgeState, TERMINAL  # noqa: E402
 
 
 class FakeBridge:

@@ -34,7 +34,7 @@ class LineSink:
         self._lock = threading.Lock()
 
     def __call__(self, line) -> None:
-        from tornado_gateway.logpump import log_sink
+        from tornado_gateway.supervisor.logpump import log_sink
 
         with self._lock:
             self.lines.append(line)

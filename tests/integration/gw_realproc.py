@@ -144,7 +144,7 @@ def child_env(**extra: str) -> dict:
 def make_bridge(orphans, name: str, sink, env=None, **overrides):
     """A PythonBridge running test child ``name`` on a port owned by the test, with fast
     health settings (100 ms interval); ``overrides`` are FlaskConfig fields."""
-    from tornado_gateway.bridge import PythonBridge
+    from tornado_gateway.supervisor.bridge import PythonBridge
     from tornado_gateway.config import FlaskConfig
 
     settings = dict(FAST, script=script(name), port=orphans.port())

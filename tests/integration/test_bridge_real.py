@@ -18,9 +18,9 @@ import pytest
 
 from gw_realproc import (FAST, child_env, fetch_json, make_bridge, messages, pid_alive,
                          port_is_free, script, wait_for)
-from tornado_gateway.bridge import PythonBridge
+from tornado_gateway.supervisor.bridge import PythonBridge
 from tornado_gateway.config import FlaskConfig, load_config
-from tornado_gateway.state import BridgeState as S
+from tornado_gateway.supervisor.state import BridgeState as S
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from gw_realproc import child_env, make_bridge, messages, pid_alive, port_is_free, wait_for
-from tornado_gateway.state import BridgeState as S
+from tornado_gateway.supervisor.state import BridgeState as S
 
 pytestmark = pytest.mark.integration
 

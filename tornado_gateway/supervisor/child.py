@@ -38,7 +38,7 @@ import psutil
 
 log = logging.getLogger("tornado_gateway.child")
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tornado_gateway/
 PROJECT_DIR = os.path.dirname(PACKAGE_DIR)
 
 

@@ -15,10 +15,10 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import child as child_mod
-from . import errors
+from .. import errors
 from .child import ChildHandle, ProcessControl
-from .config import FlaskConfig, GatewayConfig
-from .errors import utc_timestamp
+from ..config import FlaskConfig, GatewayConfig
+from ..errors import utc_timestamp
 from .health import HealthChecker, HealthMonitor, HealthResult, wait_until_healthy
 from .logpump import LogLine, LogPump, log_sink
 from .state import BridgeState, StateMachine

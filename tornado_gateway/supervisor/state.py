@@ -8,7 +8,7 @@
     any running state --child exits--> exited      any --stop()--> stopping --> stopped
 
 ``is_ready`` is true only in ``ready``. Readers (the proxy, the status endpoint) observe the
-state; only :class:`~tornado_gateway.bridge.PythonBridge` moves it.
+state; only :class:`~tornado_gateway.supervisor.bridge.PythonBridge` moves it.
 """
 from __future__ import annotations
 

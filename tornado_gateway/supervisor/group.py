@@ -1,6 +1,6 @@
 """WorkerGroup: several Flask workers behind one gateway, and the dispatcher in front of them.
 
-Each worker is a :class:`~tornado_gateway.bridge.PythonBridge` of its own, with the whole
+Each worker is a :class:`~tornado_gateway.supervisor.bridge.PythonBridge` of its own, with the whole
 single-child lifecycle: spawned on its own port (``FLASK_PORT + i``), validated, health-checked,
 log-pumped (its lines say ``[Python] [worker i]``), restarted if ``FLASK_AUTO_RESTART`` allows,
 and stopped with its process tree. With ``FLASK_URL`` listing several servers, each is an
@@ -22,7 +22,7 @@ import logging
 from typing import Any, Callable, Dict, List, Optional
 
 from .bridge import PythonBridge
-from .config import FlaskConfig, GatewayConfig, worker_config
+from ..config import FlaskConfig, GatewayConfig, worker_config
 from .dispatch import Dispatcher, Overloaded
 from .logpump import LogLine, log_sink
 from .state import TERMINAL, BridgeState, ChangeSignal, wait_until_ready
