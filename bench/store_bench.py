@@ -106,44 +106,12 @@ class BudgetExceeded(Exception):
 
 @contextlib.contextmanager
 def pg_cluster(fsync: bool) -> Iterator[str]:
-    """A private cluster; yields the admin URL (database ``postgres``). fsync off: exactly
-    tests/servers.py's postgres_cluster(); on: the same with fsync on (command-line settings
-    outrank ALTER SYSTEM, so that one cannot be switched afterwards)."""
+    """A private cluster (tests/servers.py's), fsync as asked; yields the admin URL (database
+    ``postgres``). fsync is a command-line setting there: ALTER SYSTEM could not switch it."""
     import servers
-    from ports import free_port
 
-    if not fsync:
-        with servers.postgres_cluster("bench_unused") as url:
-            yield url.rsplit("/", 1)[0] + "/postgres"
-        return
-    initdb, pg_ctl = servers.postgres_bin("initdb"), servers.postgres_bin("pg_ctl")
-    if not initdb or not pg_ctl:
-        raise RuntimeError("PostgreSQL's server binaries are not installed "
-                           "(apt-get install postgresql)")
-    root = tempfile.mkdtemp(prefix="store-bench-pg-")
-    data = os.path.join(root, "data")
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-    port = free_port()
-    user = "postgres" if os.geteuid() == 0 else os.environ.get("USER") or "postgres"
-    try:
-        subprocess.run(servers._as_postgres([initdb, "-D", data, "-A", "trust", "-U", user,
-                                             "-E", "UTF8", "--no-sync"]), check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
-        options = ("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=on "
-                   "-c max_connections=200" % (port, root))
-        subprocess.run(servers._as_postgres([pg_ctl, "-D", data, "-o", options, "-l",
-                                             os.path.join(root, "log"), "-w", "-t", "60",
-                                             "start"]),
-                       check=True, stdout=subprocess.DEVNULL, timeout=90)
-        try:
-            yield "postgresql://%s@127.0.0.1:%d/postgres" % (user, port)
-        finally:
-            subprocess.run(servers._as_postgres([pg_ctl, "-D", data, "-m", "fast", "-w",
-                                                 "stop"]),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with servers.postgres_cluster("bench_unused", fsync=fsync) as url:
+        yield url.rsplit("/", 1)[0] + "/postgres"
 
 
 def pg_settings(admin_url: str) -> Dict[str, str]:

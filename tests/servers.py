@@ -34,8 +34,10 @@ def _as_postgres(argv: List[str]) -> List[str]:
 
 
 @contextlib.contextmanager
-def postgres_cluster(database: str = "deepfake") -> Iterator[str]:
-    """A private PostgreSQL cluster with one database; yields its ``postgresql://`` URL."""
+def postgres_cluster(database: str = "deepfake", fsync: bool = False) -> Iterator[str]:
+    """A private PostgreSQL cluster with one database; yields its ``postgresql://`` URL.
+    ``fsync`` off by default (tests: nothing to keep); on for benchmarks that compare its
+    durability with SQLite's ``synchronous=FULL``."""
     initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
     if not initdb or not pg_ctl:
         raise RuntimeError("PostgreSQL's server binaries are not installed "
@@ -49,8 +51,8 @@ def postgres_cluster(database: str = "deepfake") -> Iterator[str]:
     subprocess.run(_as_postgres([initdb, "-D", data, "-A", "trust", "-U", user, "-E", "UTF8",
                                  "--no-sync"]), check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.PIPE, timeout=120)
-    options = ("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off "
-               "-c max_connections=200" % (port, root))
+    options = ("-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=%s "
+               "-c max_connections=200" % (port, root, "on" if fsync else "off"))
     subprocess.run(_as_postgres([pg_ctl, "-D", data, "-o", options, "-l",
                                  os.path.join(root, "log"), "-w", "-t", "60", "start"]),
                    check=True, stdout=subprocess.DEVNULL, timeout=90)

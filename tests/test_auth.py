@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import tornado.web
 from hypothesis import given, settings, strategies as st
 
 from tornado_gateway import PythonBridge, make_app

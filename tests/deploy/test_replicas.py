@@ -14,7 +14,6 @@ replicas serves the new version within 2 s.
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import os
 import random

@@ -25,16 +25,15 @@ Run by hand (prints the failures, one id a line; ``--tornado`` runs Tornado's ow
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
+import tornado_suites
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 DEVIATIONS = os.path.join(HERE, "tornado_server_deviations.txt")
 MODULES = ("httpserver_test", "web_test")
 
@@ -45,22 +44,11 @@ OPTIONS = {"max_body_size": "max_body_size", "max_header_size": "max_header_size
 
 
 def read_deviations(path: str = DEVIATIONS) -> Tuple[Dict[str, str], Dict[str, str]]:
-    """``({module.Class.test: reason}, {module.Class: reason})`` from the deviations file
-    (``id  # reason`` lines): the tests expected to fail, and the classes not run."""
-    tests: Dict[str, str] = {}
-    classes: Dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            test_id, sep, reason = text.partition("#")
-            test_id = test_id.strip()
-            assert sep and reason.strip(), "deviation without a reason: %r" % line
-            target = tests if test_id.count(".") == 2 else classes
-            assert test_id not in target, "listed twice: %s" % test_id
-            target[test_id] = reason.strip()
-    return tests, classes
+    """``({module.Class.test: reason}, {module.Class: reason})`` from the deviations file:
+    the tests expected to fail, and the classes not run."""
+    listed = tornado_suites.read_deviations(path)
+    tests = {k: v for k, v in listed.items() if k.count(".") == 2}
+    return tests, {k: v for k, v in listed.items() if k.count(".") != 2}
 
 
 def _served_classes(skip: Dict[str, str]) -> List[Tuple[str, Any]]:
@@ -89,7 +77,6 @@ def _served_classes(skip: Dict[str, str]) -> List[Tuple[str, Any]]:
 
 def run_suites(tornado_server: bool = False) -> Dict[str, object]:
     """Run the suites in this process (the subprocess side); returns the outcome."""
-    import logging
     import unittest
 
     from tornado.testing import AsyncHTTPTestCase
@@ -115,63 +102,18 @@ def run_suites(tornado_server: bool = False) -> Dict[str, object]:
     def test_id(test: unittest.TestCase) -> str:
         return "%s.%s" % (prefix.get(type(test), type(test).__name__), test._testMethodName)
 
-    class Result(unittest.TestResult):
-        def __init__(self) -> None:
-            super().__init__()
-            self.failed: Set[str] = set()
-            self.detail: Dict[str, str] = {}
-
-        def _note(self, test: unittest.TestCase, err: object) -> None:
-            self.failed.add(test_id(test))
-            self.detail.setdefault(test_id(test), self._exc_info_to_string(err, test)[-1500:])
-
-        def addError(self, test, err):  # type: ignore[no-untyped-def]
-            super().addError(test, err)
-            self._note(test, err)
-
-        def addFailure(self, test, err):  # type: ignore[no-untyped-def]
-            super().addFailure(test, err)
-            self._note(test, err)
-
-        def addSubTest(self, test, subtest, err):  # type: ignore[no-untyped-def]
-            super().addSubTest(test, subtest, err)
-            if err is not None:
-                self._note(test, err)
-
-    # As Tornado's own runner (tornado.test.runtests): no access log lines. The suites' test
-    # cases fail on any other unexpected log record of level INFO or above.
-    logging.getLogger("tornado.access").setLevel(logging.CRITICAL)
-    result = Result()
-    suite.run(result)
-    return {"run": result.testsRun, "failed": sorted(result.failed),
-            "skipped": sorted(test_id(t) for t, _why in result.skipped),
-            "detail": result.detail}
+    return tornado_suites.run_suite(suite, test_id)
 
 
 def _subprocess_outcome() -> Dict[str, object]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--json"],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, "suite runner failed:\n%s\n%s" % (
-        proc.stdout[-3000:], proc.stderr[-3000:])
-    return json.loads(lines[-1])
+    return tornado_suites.subprocess_outcome(os.path.abspath(__file__), [], 240)
 
 
 @pytest.mark.timeout(300)
 def test_tornado_server_suites_fail_exactly_the_listed_deviations() -> None:
     expected, _classes = read_deviations()
-    outcome = _subprocess_outcome()
-    failed: List[str] = outcome["failed"]  # type: ignore[assignment]
-    detail: Dict[str, str] = outcome["detail"]  # type: ignore[assignment]
-    unexpected = [t for t in failed if t not in expected]
-    now_passing = [t for t in expected if t not in failed]
-    assert outcome["run"] > 250, outcome["run"]
-    assert not unexpected, "tests failing outside the deviation list:\n" + "\n".join(
-        "%s\n%s" % (t, detail.get(t, "")) for t in unexpected)
-    assert not now_passing, ("listed deviations that pass now (remove them from %s): %s"
-                             % (os.path.basename(DEVIATIONS), now_passing))
+    tornado_suites.assert_exactly_the_deviations(_subprocess_outcome(), expected, 250,
+                                                 DEVIATIONS)
 
 
 def test_every_deviation_names_a_real_test_and_every_class_not_run_is_served() -> None:
@@ -194,13 +136,4 @@ def test_every_deviation_names_a_real_test_and_every_class_not_run_is_served() -
 
 
 if __name__ == "__main__":
-    outcome = run_suites(tornado_server="--tornado" in sys.argv)
-    if "--json" in sys.argv:
-        print(json.dumps(outcome))
-    else:
-        for test_id in outcome["failed"]:  # type: ignore[union-attr]
-            print(test_id)
-            if "-v" in sys.argv:
-                print(outcome["detail"][test_id])  # type: ignore[index]
-        print("run %d, failed %d, skipped %d" % (outcome["run"], len(outcome["failed"]),
-                                                 len(outcome["skipped"])), file=sys.stderr)
+    tornado_suites.main(run_suites, ["--tornado" in sys.argv])
