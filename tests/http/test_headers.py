@@ -95,3 +95,16 @@ def test_empty_headers_behaves_like_a_new_httpheaders():
     h.add("x-a", "1")
     h["X-B"] = "2"
     assert list(h.get_all()) == [("X-A", "1"), ("X-B", "2")]
+
+
+def test_the_private_layout_the_fast_path_reads_is_there():
+    """tornado_gateway.http.headers reads HTTPHeaders' private ``_as_list`` and
+    ``_combined_cache`` (Tornado 6.x), and falls back to the public API without them: this
+    fails the day Tornado changes them, so the fallback (slower) never happens unnoticed."""
+    assert fast.FAST
+    headers = httputil.HTTPHeaders()
+    headers.add("X-A", "1")
+    headers.add("x-a", "2")
+    assert headers._as_list == {"X-A": ["1", "2"]}  # type: ignore[attr-defined]
+    built = fast.headers_from_fields([("X-A", "1"), ("x-a", "2")])
+    assert built.get_list("X-A") == ["1", "2"] and built["X-A"] == "1,2"
