@@ -1,7 +1,8 @@
 """The linear detector as plain data: load, predict with numpy, save atomically as JSON.
 
 A model is a standard scaler plus logistic-regression weights over the per-crop features of
-:mod:`deepfake.features`. An image's score is the mean of its crops' log-odds. Models are
+:mod:`deepfake.features`. An image's score is the mean of its crops' log-odds
+(:func:`image_means`, the one place that rule is computed). Models are
 stored as JSON only (never pickle: the data directory is writable, and unpickling a file from a
 writable place runs whatever code it contains).
 
@@ -60,10 +61,11 @@ class LinearModel:
         return standardised @ self.coef + self.intercept
 
     def image_logit(self, vectors: np.ndarray) -> Optional[float]:
-        """Mean crop log-odds, or None with no crops (nothing to judge)."""
+        """Mean crop log-odds (:func:`image_means`), or None with no crops (nothing to judge)."""
         if len(vectors) == 0:
             return None
-        return float(np.mean(self.crop_logits(vectors)))
+        return float(image_means(self.crop_logits(vectors), np.zeros(len(vectors), np.int64),
+                                 1)[0])
 
     def probability(self, vectors: np.ndarray) -> Optional[float]:
         logit = self.image_logit(vectors)
@@ -114,6 +116,28 @@ class LinearModel:
         if not finite or not math.isfinite(model.intercept) or np.any(model.scale <= 0):
             raise ModelError("model has non-finite or non-positive values")
         return model
+
+
+def image_means(crop_values: np.ndarray, crop_image: np.ndarray, n_images: int) -> np.ndarray:
+    """Per-image mean of per-crop values: ``out[i]`` is the mean of ``crop_values`` over the
+    crops whose ``crop_image`` is ``i`` (NaN for an image with no crop). The one place where an
+    image's score is made from its crops' log-odds: the service's answer
+    (:meth:`LinearModel.image_logit`) and every held-out score of training and retraining
+    (:mod:`deepfake.training`) go through it.
+
+    One ``np.bincount`` pass: each image's crops are summed in their order, then divided by
+    their count; the held-out scores of training were always made this way. ``np.mean``, which
+    :meth:`LinearModel.image_logit` used before, sums pairwise, so for one image the two can
+    differ in the last bits: measured at most 1.8e-15 in log-odds (baseline images, and
+    20,000 random sets of 1-64 baseline crops), with no reported probability (4 decimals)
+    changed.
+    """
+    crop_image = np.asarray(crop_image, dtype=np.int64)
+    sums = np.bincount(crop_image, weights=np.asarray(crop_values, dtype=np.float64),
+                       minlength=n_images)
+    counts = np.bincount(crop_image, minlength=n_images)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts
 
 
 def read_model(path: str) -> LinearModel:
