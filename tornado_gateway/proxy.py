@@ -9,7 +9,7 @@ The proxy brings its own HTTP client (:class:`UpstreamClient`: the keep-alive po
 cut at Tornado's default 100 MiB client limit; it never touches the process-wide
 ``AsyncHTTPClient`` configuration, so the application's own HTTP calls keep Tornado's client.
 
-What the handler promises (the "Proxy contract" in ARCHITECTURE.md):
+What the handler promises (``docs/ARCHITECTURE.md`` follows a request through it):
 
 * Any method, and the raw request target (path and query), are forwarded byte for byte;
   targets that try to leave the prefix after percent-decoding are refused with a JSON 400,
@@ -22,7 +22,7 @@ What the handler promises (the "Proxy contract" in ARCHITECTURE.md):
   are kept, and none is invented (Tornado's clients would add a form Content-Type to a POST).
 * The bridge's state gates every request: ready -> proxied; starting/unhealthy -> a bounded
   wait for readiness; anything else -> JSON 503 without touching the network.
-* With a :class:`~tornado_gateway.group.WorkerGroup` as the bridge, a request first takes a
+* With a :class:`~tornado_gateway.supervisor.group.WorkerGroup` as the bridge, a request first takes a
   place on a worker (the least busy ready one, under its in-flight limit) and otherwise waits
   for one in the group's queue before ``prepare()`` returns, so none of its body is read while
   it waits; a full queue or a wait past the queue timeout is a JSON 503 ``overloaded``. The
@@ -126,7 +126,29 @@ _NOT_VISIBLE_ASCII = re.compile(r"[^\x21-\x7e]")
 
 # --- plain functions: what is forwarded, what is refused ---------------------------------------
 
+#: Request targets (path, query) check_target() found fine: the same few URLs come again and
+#: again (a UI polling its stats), and checking one costs several regular-expression searches
+#: and decodings. Only the verdict None is kept (an error carries its own timestamp); the
+#: cache is emptied when full.
+_TARGETS_OK: Dict[Tuple[str, str], bool] = {}
+_TARGETS_OK_MAX = 1024
+
+
 def check_target(path: str, query: str = "") -> Optional[GatewayError]:
+    """The error to answer for a request target the proxy must not forward, or None
+    (remembered for targets seen before: :data:`_TARGETS_OK`)."""
+    key = (path, query)
+    if key in _TARGETS_OK:
+        return None
+    error = _check_target(path, query)
+    if error is None:
+        if len(_TARGETS_OK) >= _TARGETS_OK_MAX:
+            _TARGETS_OK.clear()
+        _TARGETS_OK[key] = True
+    return error
+
+
+def _check_target(path: str, query: str = "") -> Optional[GatewayError]:
     """The error to answer for a request target the proxy must not forward, or None.
 
     ``path`` is the raw (still percent-encoded) path, ``query`` the raw query. Refused:
@@ -281,10 +303,21 @@ class UpstreamClient:
         settings.update(kwargs)
         self.settings = settings
         self._by_loop: Dict[IOLoop, AsyncHTTPClient] = {}
+        # The running asyncio loop get() last answered for, and its instance: every request
+        # asks, and IOLoop.current() costs more than comparing the running loop.
+        self._last: Tuple[Any, Optional[AsyncHTTPClient]] = (None, None)
 
     def get(self) -> AsyncHTTPClient:
         """This IOLoop's instance (made on first use; an AsyncHTTPClient is bound to its
         loop). Instances of loops that have been closed are dropped."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        last_loop, last_client = self._last
+        if running is not None and running is last_loop:
+            assert last_client is not None
+            return last_client
         loop = IOLoop.current()
         client = self._by_loop.get(loop)
         if client is None:
@@ -292,10 +325,13 @@ class UpstreamClient:
                 del self._by_loop[old]
             client = self.impl(force_instance=True, **self.settings)
             self._by_loop[loop] = client
+        if running is not None:
+            self._last = (running, client)
         return client
 
     def close(self) -> None:
         """Close this IOLoop's instance (its pooled connections); call on shutdown."""
+        self._last = (None, None)
         client = self._by_loop.pop(IOLoop.current(), None)
         if client is not None:
             client.close()
@@ -471,6 +507,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         self._queue: Optional[Queue] = None
         self._task: Optional[asyncio.Future] = None
         self._inline = False  # a bodiless exchange, completed in the method handler itself
+        self._responding = False  # the method handler was called: the request body is in
         self._fetch: Optional[asyncio.Future] = None
         self._has_body = False
         self._self_framed = False
@@ -522,6 +559,16 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
 
     def compute_etag(self) -> Optional[str]:
         return None  # never turn a proxied 200 into our own 304
+
+    def check_etag_header(self) -> bool:
+        """Tornado's check (``finish()`` calls it on every 200 to a GET), skipped when it
+        cannot match: no ``If-None-Match`` in the request, or no ``Etag`` in the response.
+        Tornado's own version looks both up through ``Mapping.get`` (an exception raised
+        and caught for an absent field) and runs a regular expression first."""
+        if (get_field(self.request.headers, "If-None-Match") is None
+                or get_field(self._headers, "Etag") is None):
+            return False
+        return super().check_etag_header()
 
     def check_xsrf_cookie(self) -> None:
         return None  # the service behind the proxy owns its CSRF policy
@@ -612,7 +659,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
     async def _open_exchange_when_dispatched(self, length: Optional[int]) -> None:
         # Queued in the gateway (every ready worker is at its limit). As above, nothing of the
         # body is read while waiting: back-pressure reaches the client, memory stays bounded.
-        from .group import NoWorker, Overloaded, QueueTimeout
+        from .supervisor.group import NoWorker, Overloaded, QueueTimeout
 
         try:
             self._waiting = waiting = self.bridge.request_worker()
@@ -715,6 +762,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         """Every method: the body is complete; let the producer finish, await the exchange.
         (What it returns, if anything, Tornado awaits: no coroutine layer of its own.)"""
         self._disarm_stall_timer()
+        self._responding = True
         if self._inline:
             self._inline = False
             return self._complete_exchange()
@@ -818,6 +866,12 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             # The whole declared body is in hand and nothing more will be read from the
             # child: finish() sends it (with the head, for a small response) in one write.
             # A flush here would only add a write and a wait per response.
+            if self._responding and not self._has_body:
+                # A bodiless request whose method handler is awaiting this answer: finished
+                # now, from the child's read, instead of once the handler's task has been
+                # woken on the next loop iteration (a loop iteration less of latency on
+                # every small GET). _finish_response() then finds it finished.
+                self._finish_now()
             return None
         return self._flush_down()
 
@@ -893,6 +947,9 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         failure: Optional[BaseException] = None
         try:
             response = await self._fetch
+            # The future holds the response, which holds the upstream request and its
+            # callbacks (bound to this handler): a cycle the GC would have to find.
+            self._fetch = None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and getattr(task, "cancelling", lambda: 0)():
@@ -929,6 +986,14 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
                 # Send the head as is; otherwise finish() would invent a Content-Length
                 # (wrong for HEAD, and a framing change for an empty chunked body).
                 self.flush()
+        except Exception as exc:  # client gone
+            log.debug("could not finish %s %s: %s", self.request.method, self.request.uri, exc)
+            self._close_client()
+            return
+        self._finish_now()
+
+    def _finish_now(self) -> None:
+        try:
             self.finish()
         except Exception as exc:  # client gone, or the child's body did not match its length
             log.debug("could not finish %s %s: %s", self.request.method, self.request.uri, exc)

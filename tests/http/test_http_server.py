@@ -261,6 +261,10 @@ def _normalized(out: bytes, end: str) -> Tuple[bytes, str]:
             if before.endswith(_CONTINUE):
                 before = before[: -len(_CONTINUE)]
             return before, "closed"
+    if end == "closed" and out.endswith(_CONTINUE):
+        # Tornado's 100 Continue for a body it then finds malformed and closes on without an
+        # answer; llhttp finds the same body malformed before a 100 was due: both close
+        out = out[: -len(_CONTINUE)]
     return out, end
 
 

@@ -127,6 +127,7 @@ import functools
 import heapq
 import itertools
 import os
+import select
 import socket
 import ssl
 import time
@@ -170,6 +171,10 @@ _PoolKey = tuple  # (scheme, host, port, address family, source ip, tls settings
 _MAX_1XX_RESPONSES = 10
 #: Default limit of a response head (status line and fields), as Tornado's clients.
 _DEFAULT_MAX_HEADER = 65536
+#: What _Upstream.alive() asks poll() about: readable (data or EOF), the peer's half-close,
+#: errors and hang-ups (the last two are always reported). 0 where there is no poll().
+_POLL_FLAGS = (select.POLLIN | getattr(select, "POLLRDHUP", 0) | select.POLLERR
+               | select.POLLHUP) if hasattr(select, "poll") else 0
 #: Most bytes read from a socket whose transport failed (see _Upstream._salvage).
 _SALVAGE_LIMIT = 4 << 20
 _HTTP_VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
@@ -195,6 +200,20 @@ def _normalized(name: bytes) -> str:
         if len(_NAMES) < 1000:
             _NAMES[name] = norm
     return norm
+
+
+#: netloc -> httputil.split_host_and_port(netloc): a regular expression per request for the
+#: same few upstream addresses otherwise.
+_NETLOCS: dict[str, tuple[str, int | None]] = {}
+
+
+def _split_netloc(netloc: str) -> tuple[str, int | None]:
+    split = _NETLOCS.get(netloc)
+    if split is None:
+        split = httputil.split_host_and_port(netloc)
+        if len(_NETLOCS) < 256:
+            _NETLOCS[netloc] = split
+    return split
 
 
 class _Stop(Exception):
@@ -267,9 +286,9 @@ class UpstreamHTTPClient(AsyncHTTPClient):
         # One timer for the whole pool (not one per idle connection, which would be two
         # timer operations per request): it fires when the oldest idle connection expires.
         self._sweeper: object = None
-        # request_timeout deadlines of started requests, (deadline, seq, exchange) in a heap
+        # request_timeout deadlines of started requests, (deadline, seq, [exchange]) in a heap
         # watched by one loop timer (see _watch_deadline).
-        self._deadlines: list[tuple[float, int, _Exchange]] = []
+        self._deadlines: list[tuple[float, int, list[Any]]] = []
         self._deadline_seq = itertools.count()
         self._deadline_timer: object = None
         self._deadline_due = 0.0
@@ -472,13 +491,20 @@ class UpstreamHTTPClient(AsyncHTTPClient):
         request (pushed on the loop's heap, then cancelled) cost measurable CPU on every
         request. Finished exchanges are dropped lazily, and the heap is rebuilt once it holds
         more of them than running ones.
+
+        The heap holds a one-item list per exchange (its ticket), which the exchange empties
+        when it is over (``_release``): a finished exchange, and the request, callbacks and
+        handler it refers to, is not kept alive by the heap until the next rebuild (tens of
+        requests' objects living on into the garbage collector's older generations).
         """
         heap = self._deadlines
-        heapq.heappush(heap, (deadline, next(self._deadline_seq), exchange))
+        ticket = [exchange]
+        exchange._ticket = ticket
+        heapq.heappush(heap, (deadline, next(self._deadline_seq), ticket))
         if self._deadline_timer is None or deadline < self._deadline_due:
             self._arm_deadline_timer(deadline)
         if len(heap) > 2 * len(self.active) + 64:
-            heap[:] = [entry for entry in heap if not entry[2]._done]
+            heap[:] = [entry for entry in heap if entry[2][0] is not None]
             heapq.heapify(heap)
 
     def _arm_deadline_timer(self, due: float) -> None:
@@ -492,13 +518,13 @@ class UpstreamHTTPClient(AsyncHTTPClient):
         heap = self._deadlines
         now = self.io_loop.time()
         expired = []
-        while heap and (heap[0][0] <= now or heap[0][2]._done):
-            _due, _seq, exchange = heapq.heappop(heap)
-            if not exchange._done:
+        while heap and (heap[0][0] <= now or heap[0][2][0] is None):
+            _due, _seq, (exchange,) = heapq.heappop(heap)
+            if exchange is not None and not exchange._done:
                 expired.append(exchange)
         for exchange in expired:
             exchange._finish_error(HTTPTimeoutError("Timeout during request"))
-        while heap and heap[0][2]._done:
+        while heap and heap[0][2][0] is None:
             heapq.heappop(heap)
         if heap and self._deadline_timer is None:
             self._arm_deadline_timer(heap[0][0])
@@ -613,6 +639,7 @@ class _Upstream(asyncio.Protocol):
         self._write_paused = False
         self._drain: Future[None] | None = None
         self._reading_paused = False
+        self._poller: Any = None  # alive()'s poll object for self.sock, made on first use
 
     # -- asyncio.Protocol
 
@@ -713,6 +740,14 @@ class _Upstream(asyncio.Protocol):
             return self._drain
         return _done_future()
 
+    def send(self, data: bytes) -> None:
+        """``write()`` for a caller that does not wait for the buffer to drain (the request
+        head): no future made only to be dropped."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        transport.write(data)
+
     def alive(self) -> bool:
         """Is this idle connection still usable (not closed, nothing unread, no EOF)?"""
         if self.closed or self.transport is None or self.transport.is_closing():
@@ -720,7 +755,21 @@ class _Upstream(asyncio.Protocol):
         if self.tls or self.sock is None:
             return True  # MSG_PEEK would see TLS records; the idle reader catches closes
         # connection_lost runs only when the loop gets to the socket's event; a FIN that
-        # arrived just now is seen by peeking (non-blocking).
+        # arrived just now is seen by peeking (non-blocking). Where poll() exists, asking it
+        # whether the socket is readable (data or EOF) or failed says the same without the
+        # BlockingIOError that the peek raises (and Python builds) on every healthy check.
+        poller = self._poller
+        if poller is None and _POLL_FLAGS:
+            try:
+                poller = self._poller = select.poll()
+                poller.register(self.sock.fileno(), _POLL_FLAGS)
+            except (OSError, ValueError):
+                poller = self._poller = None
+        if poller is not None:
+            try:
+                return not poller.poll(0)
+            except OSError:
+                return False
         try:
             self.sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -846,6 +895,7 @@ class _Exchange:
         self.stream: _Upstream | None = None
         # (fetch() future, its cancellation watch): see UpstreamHTTPClient.fetch()
         self._cancel_watch: tuple[Any, Any] | None = None
+        self._ticket: list[Any] | None = None  # its entry in the client's deadline heap
         self._pool_key: _PoolKey = ()
         self._chunking = False  # the client frames the streamed body as chunked (_setup)
         self._length_out: int | None = None
@@ -922,6 +972,10 @@ class _Exchange:
         self._release()
 
     def _release(self) -> None:
+        ticket = self._ticket
+        if ticket is not None:  # over: the deadline heap lets go of it (_watch_deadline)
+            self._ticket = None
+            ticket[0] = None
         if self.release_callback is not None:
             release_callback = self.release_callback
             self.release_callback = None
@@ -1000,7 +1054,7 @@ class _Exchange:
                 raise ValueError(
                     "Body must %sbe None for method %s (unless allow_nonstandard_methods "
                     "is true)" % ("not " if body_expected else "", method))
-        host, port = httputil.split_host_and_port(netloc)
+        host, port = _split_netloc(netloc)
         if port is None:
             port = 443 if parsed.scheme == "https" else 80
         if host.startswith("[") and host.endswith("]"):
@@ -1112,12 +1166,12 @@ class _Exchange:
         else:
             if body:
                 if len(body) <= 65536:
-                    conn.write(self._head_bytes + body)
+                    conn.send(self._head_bytes + body)
                 else:
-                    conn.write(self._head_bytes)
-                    conn.write(body)
+                    conn.send(self._head_bytes)
+                    conn.send(body)
             else:
-                conn.write(self._head_bytes)
+                conn.send(self._head_bytes)
             self._body_sent = True
 
     async def _connect(self) -> "_Upstream | None":
