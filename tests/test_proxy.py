@@ -1061,3 +1061,25 @@ async def test_an_upload_the_child_does_not_read_is_held_back_not_buffered(io_lo
     # kernel buffers on loopback are a few MiB each way; the queue adds QUEUE_CHUNKS x 64 KiB
     assert sent < 24 << 20, "%d of %d bytes were taken in" % (sent, total)
     assert QUEUE_CHUNKS * 65536 <= 1 << 20
+
+
+def test_the_request_handler_state_the_proxy_replaces_is_where_tornado_keeps_it():
+    """proxy._replace_response_head sets RequestHandler's private ``_headers`` and
+    ``_write_buffer``: this fails the day Tornado keeps them elsewhere."""
+    from unittest import mock
+
+    from tornado_gateway.proxy import _replace_response_head
+
+    app = tornado.web.Application()
+    request = httputil.HTTPServerRequest(
+        start_line=httputil.RequestStartLine("GET", "/", "HTTP/1.1"),
+        headers=httputil.HTTPHeaders({"Host": "t"}), connection=mock.Mock())
+    handler = tornado.web.RequestHandler(app, request)
+    handler.clear()
+    assert isinstance(handler._headers, httputil.HTTPHeaders)
+    assert handler._write_buffer == []
+    handler.write(b"buffered")
+    headers = httputil.HTTPHeaders({"X-Child": "1"})
+    _replace_response_head(handler, headers)
+    assert handler._headers is headers and handler._write_buffer == []
+    assert handler._headers.get("X-Child") == "1" and "Content-Type" not in handler._headers

@@ -337,6 +337,17 @@ class UpstreamClient:
             client.close()
 
 
+def _replace_response_head(handler: tornado.web.RequestHandler,
+                           headers: httputil.HTTPHeaders) -> None:
+    """Give ``handler`` these response headers and an empty write buffer, as
+    ``RequestHandler.clear()`` would (without its default headers, a formatted Date among
+    them, that the proxy replaces at once). The proxy's one use of RequestHandler's private
+    state (``_headers``, ``_write_buffer``): ``tests/test_proxy.py`` fails the day Tornado
+    renames them."""
+    handler._headers = headers  # type: ignore[attr-defined]
+    handler._write_buffer = []  # type: ignore[attr-defined]
+
+
 _DEFAULT_UPSTREAMS: Dict[GatewayConfig, UpstreamClient] = {}
 
 
@@ -551,9 +562,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
             super().clear()
             return
         self._cleared = True
-        self._headers = empty_headers()
+        _replace_response_head(self, empty_headers())
         self.set_default_headers()
-        self._write_buffer = []
         self._status_code = 200
         self._reason = httputil.responses[200]
 
@@ -886,9 +896,8 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
     def _apply_head(self, code: int, reason: Optional[str], headers: httputil.HTTPHeaders) -> None:
         """Status, reason and headers from upstream replace Tornado's defaults."""
         # What clear() and clear_header() of the defaults (Server, Content-Type, Date) would
-        # leave, without formatting a Date only to drop it: empty headers, nothing buffered
-        # (nothing is written before the head), the status set just below.
-        self._write_buffer = []
+        # leave, without formatting a Date only to drop it: the headers below, nothing
+        # buffered (nothing is written before the head), the status set just below.
         self.set_status(code, reason if reason is not None else None)
         fields = client_response_headers(headers)
         for name, value in fields:
@@ -897,7 +906,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
                 fields = [(n, v) for n, v in fields if not _UNSENDABLE.search(v)]
                 break
         # Checked when the head was parsed (and just above): not again per field by add_header
-        self._headers = headers_from_fields(fields)
+        _replace_response_head(self, headers_from_fields(fields))
         self._upstream_length_known = "Content-Length" in headers
         length = get_field(headers, "Content-Length")
         self._down_length = int(length) if length is not None and _DIGITS.match(length) else None

@@ -1955,3 +1955,20 @@ def test_upstream_response_error(status, pairs, refused):
     from tornado_gateway.http.framing import upstream_response_error
 
     assert (upstream_response_error(status, hdrs(*pairs)) is not None) is refused
+
+
+def test_the_tornado_internals_fetch_mirrors_are_where_it_expects_them():
+    """UpstreamHTTPClient.fetch is AsyncHTTPClient.fetch as Tornado writes it (one header
+    copy less): it uses ``tornado.httpclient._RequestProxy`` (whose ``request`` and
+    ``defaults`` _resolve reads) and ``HTTPResponse._error_is_response_code``. This fails the
+    day Tornado changes them."""
+    from tornado.httpclient import HTTPRequest, HTTPResponse, _RequestProxy
+
+    request = HTTPRequest("http://127.0.0.1:1/", connect_timeout=None)
+    proxy = _RequestProxy(request, {"connect_timeout": 7.0})
+    assert proxy.request is request and proxy.defaults == {"connect_timeout": 7.0}
+    assert proxy.connect_timeout == 7.0 and proxy.url == "http://127.0.0.1:1/"
+    answered = HTTPResponse(request, 404)
+    assert answered._error_is_response_code is True
+    failed = HTTPResponse(request, 599, error=OSError("refused"))
+    assert failed._error_is_response_code is False
