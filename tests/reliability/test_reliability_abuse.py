@@ -28,6 +28,22 @@ def events_for(gw, mark: str):
     return [e for e in gw.echo_events() if mark in e["target"]]
 
 
+def settled_events_for(gw, mark: str, limit: float = 5.0):
+    """What reached the child for ``mark``, once the child has caught up: a sentinel request
+    sent through the gateway after the one under test must have been recorded first (an event
+    to wait for, bounded by ``limit``, instead of a fixed sleep)."""
+    sentinel = marker()
+    resp = gw.request("GET", "/api/deepfake/settled-%s" % sentinel, timeout=limit)
+    assert resp.status == 200, resp
+    deadline = time.monotonic() + limit
+    while True:
+        events = gw.echo_events()
+        if any(sentinel in e["target"] for e in events):
+            return [e for e in events if mark in e["target"]]
+        assert time.monotonic() < deadline, "the child never recorded the sentinel"
+        time.sleep(0.01)
+
+
 def closed_within(sock: socket.socket, limit: float, feed=None, every: float = 0.25):
     """Seconds until the server closes ``sock`` (feeding ``feed`` bytes every ``every`` s),
     and what it sent; fails if it is still open after ``limit``."""
@@ -80,8 +96,7 @@ def test_stalled_body_on_the_proxy_gets_408_and_never_completes_upstream(echo_gw
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), data
     assert json.loads(body)["error"] == "Request timeout"
-    time.sleep(0.3)
-    assert [e["complete"] for e in events_for(echo_gw, mark)] in ([], [False])
+    assert [e["complete"] for e in settled_events_for(echo_gw, mark)] in ([], [False])
 
 
 @pytest.mark.timeout(20)
@@ -95,8 +110,7 @@ def test_trickling_body_on_the_proxy_is_bounded_by_the_proxy_timeout(echo_gw):
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 504"), data
     assert json.loads(body)["error"] == "Gateway timeout"
-    time.sleep(0.3)
-    assert [e["complete"] for e in events_for(echo_gw, mark)] in ([], [False])
+    assert [e["complete"] for e in settled_events_for(echo_gw, mark)] in ([], [False])
 
 
 @pytest.mark.timeout(20)
@@ -137,8 +151,7 @@ def test_declared_oversized_body_gets_json_413_before_the_child_sees_it(echo_gw)
         result = read_http_response(sock, timeout=3)
     assert result["status"] == 413 and result["complete"], result
     assert json.loads(result["body"])["error"] == "Payload too large"
-    time.sleep(0.2)
-    assert events_for(echo_gw, mark) == []
+    assert settled_events_for(echo_gw, mark) == []
 
 
 @pytest.mark.timeout(20)
@@ -156,8 +169,7 @@ def test_chunked_oversized_body_gets_413_and_never_completes_upstream(echo_gw):
         result = read_http_response(sock, timeout=5)
     assert result["status"] == 413, result
     assert json.loads(result["body"])["error"] == "Payload too large"
-    time.sleep(0.3)
-    assert [e["complete"] for e in events_for(echo_gw, mark)] in ([], [False])
+    assert [e["complete"] for e in settled_events_for(echo_gw, mark)] in ([], [False])
 
 
 # --- request smuggling ----------------------------------------------------------------------
@@ -201,8 +213,7 @@ def test_smuggling_attempt_is_refused_not_forwarded(echo_gw, name, template, our
     assert result.closed, "the connection must not be reused after an ambiguous request"
     if ours:
         assert result.is_gateway_error(400), result.data
-    time.sleep(0.2)
-    seen = events_for(echo_gw, mark)
+    seen = settled_events_for(echo_gw, mark)
     if ours is None:  # refused while the body streams: the child may see a cut request only
         assert [e["complete"] for e in seen] in ([], [False])
     else:
@@ -222,8 +233,7 @@ def test_request_hidden_in_a_body_never_reaches_the_child_as_a_request(echo_gw):
             first = read_http_response(sock, timeout=5)
             assert first["status"] == 200 and first["complete"]
             assert json.loads(first["body"])["body_length"] == len(hidden)
-    time.sleep(0.2)
-    targets = [e["target"] for e in events_for(echo_gw, mark)]
+    targets = [e["target"] for e in settled_events_for(echo_gw, mark)]
     assert targets == ["/api/deepfake/%s" % mark] * 2, targets
 
 
@@ -252,8 +262,7 @@ def test_paths_escaping_the_prefix_never_reach_the_child(echo_gw):
                               % (path, mark)).encode(), timeout=3)
         assert result.status in (400, 404) and result.is_gateway_error(result.status), (
             path, result.data)
-    time.sleep(0.2)
-    assert events_for(echo_gw, mark) == []
+    assert settled_events_for(echo_gw, mark) == []
 
 
 def _normalised(target: str) -> str:
