@@ -183,8 +183,9 @@ def gw_fakes(monkeypatch, tmp_path):
 @_gw_pytest.fixture(scope="session")
 def postgres_server():
     """The URL of a private PostgreSQL cluster's maintenance database (tests/servers.py)."""
-    from servers import postgres_cluster
+    from servers import postgres_bin, postgres_cluster, require
 
+    require("postgresql", postgres_bin("initdb"))
     with postgres_cluster("tests") as url:
         yield url
 
@@ -241,3 +242,17 @@ def http_server_client(http_server):
     client = Client(force_instance=True)
     yield client
     client.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A test that needed PostgreSQL or nginx and could not run is impossible to miss."""
+    from servers import NOT_RUN
+
+    if not NOT_RUN:
+        return
+    terminalreporter.section("REAL-SERVER TESTS NOT RUN", sep="!", red=True, bold=True)
+    for reason in sorted(set(NOT_RUN)):
+        terminalreporter.write_line("Not tested against a real server: " + reason, red=True,
+                                    bold=True)
+    terminalreporter.write_line("CI installs them (.ci/run) and sets SERVERS_TEST_REQUIRED=1, "
+                                "which makes this a failure.", red=True)

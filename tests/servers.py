@@ -18,6 +18,22 @@ from typing import Iterator, List, Optional
 
 from ports import free_port
 
+#: Why a test that needs a real server did not run (for the loud summary in conftest.py).
+NOT_RUN: List[str] = []
+
+
+def require(server: str, binary: Optional[str]) -> str:
+    """``binary``, or: fail (SERVERS_TEST_REQUIRED=1, as CI sets) or skip loudly."""
+    if binary:
+        return binary
+    import pytest
+
+    reason = "%s is not installed (apt-get install %s)" % (server, server)
+    if os.environ.get("SERVERS_TEST_REQUIRED") == "1":
+        pytest.fail(reason + "; SERVERS_TEST_REQUIRED=1 makes this a failure")
+    NOT_RUN.append(reason)
+    pytest.skip(reason)
+
 
 def postgres_bin(name: str) -> Optional[str]:
     """A PostgreSQL server binary (``initdb``, ``pg_ctl``): on PATH, else Debian's versioned

@@ -257,8 +257,9 @@ def deployment(postgres_server, tmp_path):
 def test_two_replicas_behind_nginx_survive_a_kill_and_share_one_store(deployment):
     import psycopg
 
-    from servers import nginx_server
+    from servers import nginx_binary, nginx_server, require
 
+    require("nginx", nginx_binary())
     url, replicas = deployment
     front = free_port()
     with nginx_server(nginx_site(front, replicas)):
