@@ -2051,10 +2051,15 @@ def detect_upstream() -> Dict[str, Any]:
             "    out['option'] = config.SETTINGS['upstream'][1]\n"
             "    out['default'] = config.GatewayConfig().upstream\n"
             "    out['classes'] = {}\n"
-            "    for choice in getattr(server, 'UPSTREAM_CLIENTS', {}):\n"
-            "        server.configure_upstream_client(config.load_config({}, {'upstream': choice}))\n"
-            "        c = AsyncHTTPClient.configured_class()\n"
-            "        out['classes'][choice] = c.__module__ + '.' + c.__name__\n"
+            "    try:  # the proxy's own client, by choice (configure_upstream_client is gone)\n"
+            "        from tornado_gateway.proxy import UPSTREAM_CLIENTS\n"
+            "        out['classes'] = dict(UPSTREAM_CLIENTS)\n"
+            "    except ImportError:  # an older gateway: what its configure call selects\n"
+            "        for choice in getattr(server, 'UPSTREAM_CLIENTS', {}):\n"
+            "            server.configure_upstream_client(\n"
+            "                config.load_config({}, {'upstream': choice}))\n"
+            "            c = AsyncHTTPClient.configured_class()\n"
+            "            out['classes'][choice] = c.__module__ + '.' + c.__name__\n"
             "print(json.dumps(out))\n")
     out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     try:

@@ -233,17 +233,7 @@ def test_loopback_default_stays_open():
 
 # --- serve(): the decision made once at start-up -------------------------------------------
 
-@pytest.fixture
-def keep_http_client_config():
-    from tornado.httpclient import AsyncHTTPClient
-    saved = AsyncHTTPClient._save_configuration()
-    yield
-    AsyncHTTPClient._restore_configuration(saved)
-
-
-def test_serve_prints_the_url_with_a_generated_token_and_enforces_it(gw_fakes,
-                                                                      keep_http_client_config,
-                                                                      caplog):
+def test_serve_prints_the_url_with_a_generated_token_and_enforces_it(gw_fakes, caplog):
     import asyncio
     import re
 
@@ -285,8 +275,7 @@ def test_serve_prints_the_url_with_a_generated_token_and_enforces_it(gw_fakes,
     assert sum(token in r.getMessage() for r in caplog.records) == 1
 
 
-def test_serve_refuses_to_start_with_an_unreadable_token_file(gw_fakes, keep_http_client_config,
-                                                              tmp_path, caplog):
+def test_serve_refuses_to_start_with_an_unreadable_token_file(gw_fakes, tmp_path, caplog):
     import asyncio
 
     from tornado_gateway.server import serve

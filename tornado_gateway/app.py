@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 from typing import Any, List, Optional
@@ -14,7 +13,7 @@ from . import __version__
 from .auth import Access, access_for, redact
 from .config import GatewayConfig
 from .errors import GatewayError, not_found, write_error_response
-from .proxy import proxy_routes
+from .proxy import access_log_level, proxy_routes
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -125,8 +124,7 @@ def gateway_routes(bridge: Any, config: GatewayConfig, access: Optional[Access] 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's access log line, with any ``token`` query parameter masked."""
     status = handler.get_status()
-    level = (logging.INFO if status < 400 else
-             logging.WARNING if status < 500 else logging.ERROR)
+    level = access_log_level(status)
     if access_log.isEnabledFor(level):
         request = handler.request
         access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method,

@@ -348,6 +348,11 @@ def _replace_response_head(handler: tornado.web.RequestHandler,
     handler._write_buffer = []  # type: ignore[attr-defined]
 
 
+def access_log_level(status: int) -> int:
+    """The level ``Application.log_request`` logs a request of this status at."""
+    return logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+
+
 _DEFAULT_UPSTREAMS: Dict[GatewayConfig, UpstreamClient] = {}
 
 
@@ -590,10 +595,7 @@ class DeepfakeProxyHandler(tornado.web.RequestHandler):
         application = self.application
         if ("log_function" not in application.settings
                 and type(application).log_request is tornado.web.Application.log_request):
-            status = self.get_status()
-            level = (logging.INFO if status < 400 else
-                     logging.WARNING if status < 500 else logging.ERROR)
-            if not access_log.isEnabledFor(level):
+            if not access_log.isEnabledFor(access_log_level(self.get_status())):
                 return
         super()._log()
 
